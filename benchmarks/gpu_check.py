@@ -1,0 +1,147 @@
+"""Every GPU check and benchmark in one call (the GPU image has torch and transformers, not Ray).
+
+    python benchmarks/gpu_check.py [--out DIR]
+
+1. The model-vs-transformers tests on CUDA (float32, tiny checkpoints).
+2. Batch-1 decode of a DeepSeek-Coder-V2-Lite-shaped model (--random-weights, bfloat16): ours, then transformers
+   in a separate process, same prompt length and output length.
+Prints a table and writes gpu_check.json to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LITE = ROOT / "benchmarks" / "shapes" / "deepseek-coder-v2-lite"
+sys.path.insert(0, str(ROOT))
+
+
+def part_ours(prompt_len: int, new_tokens: int, batch: int) -> dict:
+    import torch
+
+    from router.engine_config import EngineConfig
+    from router.llm_engine import LLMEngine
+    from workers.grouped_mm import torch_grouped_mm
+    from workers.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    eng = LLMEngine.from_config(EngineConfig(model=str(LITE), dtype="bfloat16", device="cuda", random_weights=True,
+                                             max_num_seqs=max(batch, 1), max_model_len=8192))
+    load_s = time.perf_counter() - t0
+    experts = eng.runner.model.model.layers[1].mlp.experts
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 100000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    eng.generate(prompts, [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)] * batch)  # warm-up
+    torch.cuda.synchronize()
+    seqs = [eng.add_request(p, params) for p in prompts]
+    t0 = time.perf_counter()
+    eng.step()  # prefill (one chunk per prompt here)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    steps = 0
+    while eng.has_unfinished():
+        eng.step()
+        steps += 1
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    out_tokens = sum(len(s.output_ids) for s in seqs)
+    return {"impl": "ours", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "load_s": load_s,
+            "prefill_s": t1 - t0, "decode_steps": steps, "decode_s": t2 - t1,
+            "decode_tok_s": (out_tokens - batch) / (t2 - t1), "grouped_mm": experts.grouped_mm is torch_grouped_mm,
+            "kv_blocks": eng.runner.kv_cache.num_blocks, "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def part_hf(prompt_len: int, new_tokens: int, batch: int) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoConfig, DeepseekV2ForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(str(LITE))
+    t0 = time.perf_counter()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = DeepseekV2ForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100000, (batch, prompt_len), generator=g).cuda()
+
+    def run(n):
+        cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, generation_config=cfg)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(4)  # warm-up
+    t_first = run(1)
+    t_all = run(new_tokens)
+    return {"impl": f"transformers {transformers.__version__}", "batch": batch, "prompt_len": prompt_len,
+            "new_tokens": new_tokens, "load_s": load_s, "prefill_s": t_first, "decode_s": t_all - t_first,
+            "decode_tok_s": batch * (new_tokens - 1) / (t_all - t_first),
+            "experts_impl": str(getattr(config, "_experts_implementation", None)),
+            "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def run_part(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--part", name, "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens), "--batch", str(args.batch)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    sys.stderr.write(proc.stderr[-4000:])
+    if proc.returncode != 0:
+        return {"impl": name, "error": proc.stderr[-1500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=["ours", "hf"])
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--timeout", type=int, default=240)
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    if args.part:
+        fn = part_ours if args.part == "ours" else part_hf
+        print(json.dumps(fn(args.prompt_len, args.new_tokens, args.batch)))
+        return 0
+
+    import torch
+
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    if not args.skip_tests:
+        env = dict(os.environ, MOE_SERVE_TEST_DEVICE="cuda", PYTHONPATH=str(ROOT))
+        t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                            "tests/test_model_vs_transformers.py"], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=args.timeout)
+        print(t.stdout[-3000:], t.stderr[-2000:])
+        report["tests_on_cuda"] = t.stdout.strip().splitlines()[-1] if t.stdout.strip() else t.stderr[-500:]
+    report["decode"] = [run_part("ours", args), run_part("hf", args)]
+    print(f"\n{report['device']}, torch {report['torch']}: DeepSeek-Coder-V2-Lite shape, random bf16 weights, "
+          f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(f"{'impl':<24}{'load s':>8}{'prefill s':>11}{'decode tok/s':>14}{'max GiB':>9}")
+    for r in report["decode"]:
+        if "error" in r:
+            print(f"{r['impl']:<24} ERROR {r['error'][-300:]}")
+        else:
+            print(f"{r['impl']:<24}{r['load_s']:>8.1f}{r['prefill_s']:>11.3f}{r['decode_tok_s']:>14.1f}"
+                  f"{r['max_mem_gib']:>9.1f}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

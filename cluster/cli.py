@@ -1,0 +1,133 @@
+"""The `moe-serve` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from router.engine_config import EngineConfig
+from workers.checkpoint import CheckpointError
+from workers.config import ConfigError
+from workers.sampling_params import SamplingParams
+
+REQUEST_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                  "stop_token_ids", "ignore_eos"}
+
+
+class InputError(ValueError):
+    pass
+
+
+def parse_request(line: dict, where: str, defaults: dict) -> tuple[str | list[int], SamplingParams]:
+    if not isinstance(line, dict):
+        raise InputError(f"{where}: each line must be a JSON object")
+    unknown = set(line) - REQUEST_FIELDS
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    if ("prompt" in line) == ("prompt_token_ids" in line):
+        raise InputError(f"{where}: give exactly one of 'prompt' or 'prompt_token_ids'")
+    prompt = line.get("prompt", line.get("prompt_token_ids"))
+    if "prompt" in line and not isinstance(prompt, str):
+        raise InputError(f"{where}: 'prompt' must be a string")
+    if "prompt_token_ids" in line and not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+        raise InputError(f"{where}: 'prompt_token_ids' must be a list of integers")
+    kw = {**defaults, **{k: v for k, v in line.items() if k not in ("prompt", "prompt_token_ids")}}
+    if isinstance(kw.get("stop"), str):
+        kw["stop"] = [kw["stop"]]
+    for key in ("stop", "stop_token_ids"):
+        if key in kw:
+            kw[key] = tuple(kw[key])
+    try:
+        return prompt, SamplingParams(**kw)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{where}: {e}") from None
+
+
+def cmd_generate(args) -> int:
+    from router.llm_engine import LLMEngine
+
+    defaults = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.prompt is not None:
+        requests = [parse_request({"prompt": args.prompt}, "--prompt", defaults)]
+    else:
+        requests = []
+        with open(args.input) as f:
+            for n, raw in enumerate(f, 1):
+                if raw.strip():
+                    try:
+                        line = json.loads(raw)
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{args.input}:{n}: not valid JSON ({e})") from None
+                    requests.append(parse_request(line, f"{args.input}:{n}", defaults))
+    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          kv_cache_gib=args.kv_cache_gib)
+    t0 = time.perf_counter()
+    engine = LLMEngine.from_config(config)
+    t_load = time.perf_counter() - t0
+    prompts = []
+    for i, (prompt, _) in enumerate(requests):
+        if isinstance(prompt, str):
+            if engine.tokenizer is None:
+                raise InputError(f"request {i}: the checkpoint has no tokenizer; give 'prompt_token_ids'")
+            prompt = engine.tokenizer.encode(prompt)
+        prompts.append(prompt)
+    t1 = time.perf_counter()
+    outputs = engine.generate(prompts, [p for _, p in requests])
+    t_gen = time.perf_counter() - t1
+    n_out = sum(len(o.token_ids) for o in outputs)
+    print(f"loaded in {t_load:.2f}s; generated {n_out} tokens for {len(outputs)} requests in {t_gen:.2f}s "
+          f"({n_out / max(t_gen, 1e-9):.1f} tok/s)", file=sys.stderr)
+    lines = [json.dumps({"index": o.index, "text": o.text, "token_ids": o.token_ids,
+                         "finish_reason": o.finish_reason}, ensure_ascii=False) for o in outputs]
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+    elif args.json:
+        print("\n".join(lines))
+    else:
+        for o in outputs:
+            print(o.text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-serve", description="Serve DeepSeek-V2 and DeepSeek-Coder models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="offline batch inference")
+    g.add_argument("--model", required=True, help="local HF checkpoint directory")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one text prompt")
+    src.add_argument("--input", help="JSONL file: {\"prompt\": ...} or {\"prompt_token_ids\": [...]} per line")
+    g.add_argument("--output", help="JSONL file for the results (with --input)")
+    g.add_argument("--max-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--random-weights", action="store_true", help="random weights of the checkpoint's shapes")
+    g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on CPU")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "generate" and args.output and not args.input:
+        parser.error("--output needs --input")
+    try:
+        return args.func(args)
+    except (InputError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"moe-serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Helpers that drive our model the way the engine does, and transformers the way users do."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from router.engine_config import EngineConfig
+from router.llm_engine import LLMEngine
+from workers.block_manager import BlockManager
+from workers.model_runner import SeqChunk
+from workers.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+DEVICE = os.environ.get("MOE_SERVE_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.py runs these tests on cuda
+
+
+def engine(model_dir, **kw) -> LLMEngine:
+    kw.setdefault("device", DEVICE)
+    kw.setdefault("dtype", "float32")
+    kw.setdefault("kv_cache_gib", 0.05)
+    return LLMEngine.from_config(EngineConfig(model=str(model_dir), **kw))
+
+
+def prefill_logits(eng: LLMEngine, prompts: list[list[int]]) -> list[torch.Tensor]:
+    """All-position logits of a batch of prompts in one forward pass, cached into fresh blocks."""
+    bm = BlockManager(eng.runner.kv_cache.num_blocks, eng.runner.kv_cache.block_size)
+    chunks = []
+    for p in prompts:
+        table: list[int] = []
+        bm.grow(table, len(p))
+        chunks.append(SeqChunk(p, 0, table, True, GREEDY, None))
+    logits = eng.runner.forward_logits(chunks, all_positions=True)
+    return list(logits.split([len(p) for p in prompts])), chunks
+
+
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    return model.to(DEVICE).eval()
+
+
+@torch.no_grad()
+def hf_logits(model, prompt: list[int]) -> torch.Tensor:
+    return model(torch.tensor([prompt], device=DEVICE)).logits[0].float()
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], n: int = 32) -> list[int]:
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    out = model.generate(torch.tensor([prompt], device=DEVICE), generation_config=cfg)
+    return out[0, len(prompt):].tolist()
+
+
+def random_prompts(lengths, vocab: int = 256, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]

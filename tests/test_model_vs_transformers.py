@@ -1,0 +1,80 @@
+"""Our model against transformers, on tiny random checkpoints of every supported shape, in float32."""
+
+import pytest
+import torch
+
+from tests.harness import GREEDY, engine, hf_greedy, hf_logits, hf_model, prefill_logits, random_prompts
+
+
+def test_logits_match_transformers(checkpoint_dir, kind):
+    d = checkpoint_dir(kind)
+    eng, ref = engine(d), hf_model(d)
+    prompts = random_prompts([7, 33, 1, 70])
+    ours, _ = prefill_logits(eng, prompts)
+    for p, got in zip(prompts, ours):
+        want = hf_logits(ref, p)
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= 1e-4 * scale, f"{kind}: prompt of {len(p)} tokens"
+
+
+def test_greedy_32_tokens_identical(checkpoint_dir, kind):
+    d = checkpoint_dir(kind)
+    eng, ref = engine(d), hf_model(d)
+    prompts = random_prompts([5, 17, 40], seed=1)
+    outs = eng.generate(prompts, [GREEDY] * len(prompts))
+    for p, out in zip(prompts, outs):
+        assert out.token_ids == hf_greedy(ref, p), f"{kind}: prompt of {len(p)} tokens"
+        assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
+def test_long_prompt_past_original_context(checkpoint_dir, kind):
+    """YaRN's long-range part: a prompt 8x the checkpoint's original_max_position_embeddings (256)."""
+    d = checkpoint_dir(kind)
+    eng, ref = engine(d, max_num_batched_tokens=512), hf_model(d)
+    (prompt,) = random_prompts([2048], seed=2)
+    assert len(prompt) > 8 * ref.config.rope_parameters["original_max_position_embeddings"] - 1
+    ours, _ = prefill_logits(eng, [prompt])
+    want = hf_logits(ref, prompt)
+    assert (ours[0] - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    (out,) = eng.generate([prompt], [GREEDY])  # chunked prefill: 4 chunks of 512
+    assert out.token_ids == hf_greedy(ref, prompt)
+
+
+def test_llama_long_prompt_linear_scaling(checkpoint_dir):
+    d = checkpoint_dir("llama_mqa")
+    eng, ref = engine(d, max_num_batched_tokens=700), hf_model(d)
+    (prompt,) = random_prompts([2000], seed=3)
+    (out,) = eng.generate([prompt], [GREEDY])
+    assert out.token_ids == hf_greedy(ref, prompt)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
+def test_6k_prompt(checkpoint_dir, kind):
+    d = checkpoint_dir(kind)
+    eng, ref = engine(d, max_num_batched_tokens=2048, kv_cache_gib=0.2), hf_model(d)
+    (prompt,) = random_prompts([6000], seed=4)
+    (out,) = eng.generate([prompt], [GREEDY])
+    assert out.token_ids == hf_greedy(ref, prompt)
+
+
+def test_absorbed_decode_equals_naive(checkpoint_dir):
+    d = checkpoint_dir("v2_236b")
+    eng = engine(d)
+    prompts = random_prompts([9, 30, 3], seed=5)
+    _, chunks = prefill_logits(eng, prompts)
+    # one decode step for each sequence: its next token at the next position
+    decode = [c._replace(token_ids=[11 + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
+    attn = [layer.self_attn for layer in eng.runner.model.model.layers]
+    absorbed = eng.runner.forward_logits(decode)
+    for a in attn:
+        a.absorb_decode = False
+    naive = eng.runner.forward_logits(decode)
+    assert absorbed.shape == (3, 512)
+    torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
+    # and both equal transformers on the prompt extended by that token
+    ref = hf_model(d)
+    for i, p in enumerate(prompts):
+        want = hf_logits(ref, p + [11 + i])[-1]
+        assert (absorbed[i] - want).abs().max().item() <= 1e-4 * want.abs().max().item()

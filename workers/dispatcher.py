@@ -1,0 +1,38 @@
+"""Dispatcher: the one interface MoE communication goes through.
+
+dispatch sends each token's hidden state to the experts it chose, combine brings the expert outputs back and
+weighs them. Both are split into start/wait so that a caller can overlap the wait with other compute; what combine
+needs travels in the payload's handle, never on the dispatcher.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+
+class DispatchOutput(NamedTuple):
+    hidden: torch.Tensor  # [N, D] token copies for this rank's experts, sorted by local expert
+    tokens_per_expert: torch.Tensor  # [E_local]
+    handle: Any  # what combine needs to route results back
+
+
+class Dispatcher:
+    def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def dispatch_wait(self, pending: Any) -> DispatchOutput:
+        raise NotImplementedError
+
+    def combine_start(self, expert_out: torch.Tensor, handle: Any) -> Any:
+        raise NotImplementedError
+
+    def combine_wait(self, pending: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> DispatchOutput:
+        return self.dispatch_wait(self.dispatch_start(hidden, topk_ids, topk_weights))
+
+    def combine(self, expert_out: torch.Tensor, handle: Any) -> torch.Tensor:
+        return self.combine_wait(self.combine_start(expert_out, handle))

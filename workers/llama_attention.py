@@ -1,0 +1,60 @@
+"""LlamaAttention: MHA, GQA and MQA over a paged K/V cache (dense DeepSeek-Coder)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.attention_metadata import AttentionMetadata, store
+from workers.config import ModelConfig
+from workers.linear import QKVLinear
+from workers.rotary_embedding import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.qkv_proj = QKVLinear(config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads,
+                                  bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        T, H, KV, Dh = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * Dh, KV * Dh, KV * Dh], dim=-1)
+        q = self.rotary(q.view(T, H, Dh), cos, sin)  # [T, H, Dh]
+        k = self.rotary(k.view(T, KV, Dh), cos, sin)  # [T, KV, Dh]
+        store(cache, meta.slot_mapping, torch.stack((k, v.view(T, KV, Dh)), dim=1))  # cache [N, bs, 2, KV, Dh]
+        if meta.is_decode:
+            out = self._decode(q, cache, meta)
+        else:
+            out = self._prefill(q, cache, meta)
+        return self.o_proj(out.flatten(1))  # [T, D]
+
+    def _decode(self, q, cache, meta: AttentionMetadata) -> torch.Tensor:
+        B, H, KV, Dh = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        entries, valid = meta.batch_context(cache)  # [B, S, 2, KV, Dh], [B, S]
+        k, v = entries[:, :, 0].transpose(1, 2), entries[:, :, 1].transpose(1, 2)  # [B, KV, S, Dh]
+        qg = q.view(B, KV, H // KV, Dh)  # [B, KV, G, Dh]
+        scores = torch.matmul(qg, k.transpose(2, 3)).float() * self.scale  # [B, KV, G, S]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # [B, KV, G, Dh]
+        return out.view(B, H, Dh)
+
+    def _prefill(self, q, cache, meta: AttentionMetadata) -> torch.Tensor:
+        out = torch.empty_like(q)  # [T, H, Dh]
+        for i, start, qlen, _ in meta.sequences():
+            entries = meta.context(cache, i)  # [C, 2, KV, Dh]
+            k, v = entries[:, 0].transpose(0, 1), entries[:, 1].transpose(0, 1)  # [KV, C, Dh]
+            mask = meta.causal_mask(i, q.device)
+            o = F.scaled_dot_product_attention(
+                q[start : start + qlen].transpose(0, 1), k, v, attn_mask=mask,
+                is_causal=mask is None and qlen > 1, scale=self.scale, enable_gqa=True,
+            )  # [H, q, Dh]
+            out[start : start + qlen] = o.transpose(0, 1)
+        return out

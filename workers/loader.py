@@ -1,0 +1,77 @@
+"""Builds a model (whole, attention side, or a set of experts) and fills it from a checkpoint or at random.
+
+Generic: the model names the parameter for each checkpoint tensor (`weight_target`); each parameter knows how to
+take its slice (`weight_loader`). Parameters are allocated once in the target dtype and device; tensors are read
+one at a time, so peak extra memory is about one tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from workers.checkpoint import Checkpoint, CheckpointError
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def default_weight_loader(param: torch.Tensor, ref, shard) -> None:
+    ref.read_into(param.data)
+
+
+def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
+    """Reads exactly the tensors `model` holds; errors name the missing or mismatched tensor."""
+    params = dict(model.named_parameters())
+    loaded: set[tuple[str, object]] = set()
+    for name in checkpoint.names():
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        target, shard = model.weight_target(name)
+        param = params.get(target)
+        if param is None:
+            continue  # another rank's tensor (or one we do not use): not read
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, checkpoint[name], shard)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{checkpoint.dir}: cannot load '{name}' into '{target}': {e}") from None
+        loaded.add((target, shard))
+    missing = [
+        f"{pname}{'' if s is None else f' {s}'}"
+        for pname, p in params.items()
+        for s in getattr(p, "shards", (None,))
+        if (pname, s) not in loaded
+    ]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{checkpoint.dir}: checkpoint lacks weights for {shown}")
+
+
+@torch.no_grad()
+def init_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights of the right shapes (`--random-weights`): norms at 1, everything else N(0, std)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, std, generator=gen)
+
+
+def build_model(cls, config, device: torch.device, dtype: torch.dtype, checkpoint: Checkpoint | None = None,
+                seed: int = 0, **kwargs) -> nn.Module:
+    """Allocates `cls(config, **kwargs)` uninitialized on `device` in `dtype`, then loads or randomizes it."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(config, **kwargs)
+    finally:
+        torch.set_default_dtype(prev)
+    if checkpoint is None:
+        init_random(model, seed)
+    else:
+        load_weights(model, checkpoint)
+    return model.eval()

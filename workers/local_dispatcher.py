@@ -1,0 +1,39 @@
+"""LocalDispatcher: the colocated case, where every expert lives in this process."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from workers.dispatcher import Dispatcher, DispatchOutput
+
+
+class LocalHandle(NamedTuple):
+    order: torch.Tensor  # [T*K] position in the flat (token, k) list of each sorted row
+    topk_weights: torch.Tensor  # [T, K]
+
+
+class LocalDispatcher(Dispatcher):
+    def __init__(self, num_experts: int):
+        self.num_experts = num_experts
+
+    def dispatch_start(self, hidden, topk_ids, topk_weights) -> DispatchOutput:
+        T, K = topk_ids.shape
+        flat = topk_ids.flatten()  # [T*K]
+        order = flat.argsort(stable=True)  # [T*K]
+        counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        return DispatchOutput(hidden[order // K], counts, LocalHandle(order, topk_weights))
+
+    def dispatch_wait(self, pending: DispatchOutput) -> DispatchOutput:
+        return pending
+
+    def combine_start(self, expert_out: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
+        T, K = handle.topk_weights.shape
+        unsorted = torch.empty_like(expert_out)  # [T*K, D]
+        unsorted[handle.order] = expert_out
+        weighted = unsorted.view(T, K, -1).float() * handle.topk_weights[..., None]  # [T, K, D]
+        return weighted.sum(dim=1).to(expert_out.dtype)  # [T, D]
+
+    def combine_wait(self, pending: torch.Tensor) -> torch.Tensor:
+        return pending

@@ -1,0 +1,94 @@
+"""MLAAttention: DeepSeek-V2 multi-head latent attention over a paged latent cache.
+
+The cache holds, per token, the normalized latent c_kv [L] and the roped key k_pe [R]; keys and values are never
+cached expanded. Prefill expands the context through kv_b_proj (the "naive" form); decode uses the weight-absorbed
+form, scoring queries directly against the latents and applying W_UV after attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.attention_metadata import AttentionMetadata, store
+from workers.config import ModelConfig
+from workers.rms_norm import RMSNorm
+from workers.rotary_embedding import RotaryEmbedding, softmax_scale
+
+
+class MLAAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+        super().__init__()
+        D, H = config.hidden_size, config.num_attention_heads
+        self.num_heads = H
+        self.nope_dim, self.rope_dim, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.latent_dim = config.kv_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, config.q_lora_rank, bias=config.attention_bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.latent_dim + self.rope_dim, bias=config.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.latent_dim, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.latent_dim, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=config.attention_bias)
+        self.rotary = rotary
+        self.scale = softmax_scale(qk_dim, config.rope)
+        self.absorb_decode = True
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        T, H, L = x.shape[0], self.num_heads, self.latent_dim
+        q = self._query(x).view(T, H, self.nope_dim + self.rope_dim)  # [T, H, N+R]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, N], [T, H, R]
+        q_pe = self.rotary(q_pe, cos, sin)
+        kv = self.kv_a_proj_with_mqa(x)  # [T, L+R]
+        latent = self.kv_a_layernorm(kv[:, :L])  # [T, L]
+        k_pe = self.rotary(kv[:, None, L:], cos, sin)[:, 0]  # [T, R]
+        store(cache, meta.slot_mapping, torch.cat((latent, k_pe), dim=-1))
+        if meta.is_decode and self.absorb_decode:
+            out = self._decode_absorbed(q_nope, q_pe, cache, meta)
+        else:
+            out = self._attend_expanded(q_nope, q_pe, cache, meta)
+        return self.o_proj(out.flatten(1))  # [T, D]
+
+    def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)  # [H, N+V, L]
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, N, L], W_UV [H, V, L]
+
+    def _decode_absorbed(self, q_nope, q_pe, cache, meta: AttentionMetadata) -> torch.Tensor:
+        L = self.latent_dim
+        w_uk, w_uv = self._w_kv_b()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, L]
+        entries, valid = meta.batch_context(cache)  # [B, S, L+R], [B, S]
+        c_kv, k_pe = entries[..., :L], entries[..., L:]  # [B, S, L], [B, S, R]
+        scores = torch.bmm(q_latent, c_kv.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))  # [B, H, S]
+        scores = (scores.float() * self.scale).masked_fill(~valid[:, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(c_kv.dtype)  # [B, H, S]
+        o_latent = torch.bmm(probs, c_kv)  # [B, H, L]
+        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
+
+    def _attend_expanded(self, q_nope, q_pe, cache, meta: AttentionMetadata) -> torch.Tensor:
+        H, L, N = self.num_heads, self.latent_dim, self.nope_dim
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [T, H, N+R]
+        out = q.new_empty(q.shape[0], H, self.v_dim)  # [T, H, V]
+        for i, start, qlen, clen in meta.sequences():
+            entries = meta.context(cache, i)  # [C, L+R]
+            kv = self.kv_b_proj(entries[:, :L]).view(clen, H, N + self.v_dim)  # [C, H, N+V]
+            k = torch.cat((kv[..., :N], entries[:, None, L:].expand(clen, H, self.rope_dim)), dim=-1)  # [C, H, N+R]
+            v = kv[..., N:]  # [C, H, V]
+            mask = meta.causal_mask(i, q.device)
+            o = F.scaled_dot_product_attention(
+                q[start : start + qlen].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                attn_mask=mask, is_causal=mask is None and qlen > 1, scale=self.scale,
+            )  # [H, q, V]
+            out[start : start + qlen] = o.transpose(0, 1)
+        return out

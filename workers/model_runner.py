@@ -1,0 +1,72 @@
+"""ModelRunner: owns the model and its paged cache; turns a step's chunks into one forward pass and samples."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from workers.attention_metadata import AttentionMetadata
+from workers.causal_lm import CausalLM
+from workers.kv_cache import KVCache
+from workers.sampler import Sampler
+from workers.sampling_params import SamplingParams
+
+
+class SeqChunk(NamedTuple):
+    token_ids: list[int]  # the new tokens to run
+    start: int  # position of the first one (= tokens already cached)
+    block_table: list[int]
+    sample: bool  # whether a token is sampled after the last one
+    params: SamplingParams
+    generator: torch.Generator | None
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.device = device
+        self.sampler = Sampler()
+
+    def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.kv_cache.block_size
+        ids, positions, slots = [], [], []
+        for c in chunks:
+            ids.extend(c.token_ids)
+            pos = range(c.start, c.start + len(c.token_ids))
+            positions.extend(pos)
+            slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
+        width = max(len(c.block_table) for c in chunks)
+        tables = [c.block_table + [0] * (width - len(c.block_table)) for c in chunks]
+        context = [c.start + len(c.token_ids) for c in chunks]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.long, device=dev),
+            context_lens=torch.tensor(context, dtype=torch.long, device=dev),
+            query_lens=tuple(len(c.token_ids) for c in chunks),
+            context_lens_list=tuple(context),
+            block_size=bs,
+        )
+        return (torch.tensor(ids, dtype=torch.long, device=dev),
+                torch.tensor(positions, dtype=torch.long, device=dev), meta)
+
+    @torch.inference_mode()
+    def forward_logits(self, chunks: list[SeqChunk], all_positions: bool = False) -> torch.Tensor:
+        """Logits [S, V] of the last token of each sampling chunk (of every token with all_positions)."""
+        input_ids, positions, meta = self.prepare(chunks)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)  # [T, D]
+        if not all_positions:
+            ends = torch.tensor(meta.query_lens, device=self.device).cumsum(0) - 1  # [B]
+            keep = torch.tensor([c.sample for c in chunks], device=self.device)
+            hidden = hidden[ends[keep]]
+        return self.model.compute_logits(hidden)
+
+    def step(self, chunks: list[SeqChunk]) -> list[int]:
+        """Runs the chunks; returns one sampled token for each chunk with sample=True, in order."""
+        logits = self.forward_logits(chunks)
+        sampled = [c for c in chunks if c.sample]
+        if not sampled:
+            return []
+        return self.sampler(logits, [c.params for c in sampled], [c.generator for c in sampled])
