@@ -94,6 +94,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_tiny_checkpoint(args) -> int:
+    from pathlib import Path
+
+    from cluster.tiny_checkpoint import make_checkpoint
+
+    out = make_checkpoint(args.kind, Path(args.dir), seed=args.seed)
+    print(f"wrote a tiny random {args.kind} checkpoint to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description="Serve DeepSeek-V2 and DeepSeek-Coder models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on CPU")
     g.set_defaults(func=cmd_generate)
+    t = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint (for demos and tests)")
+    t.add_argument("dir")
+    t.add_argument("--kind", default="v2_lite", choices=["v2_lite", "v2_236b", "llama_mha", "llama_mqa"])
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_tiny_checkpoint)
     return parser
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.checkpoints import SHAPES, make_checkpoint
+from cluster.tiny_checkpoint import SHAPES, make_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""Tiny random checkpoints made with transformers, saved sharded and rewritten to the published layout."""
+"""Tiny random checkpoints made with transformers, saved sharded and rewritten to the published layout.
+
+The tests build one of each supported shape; `moe-serve tiny-checkpoint DIR` makes one for the demo. Weights are
+random (seeded), the tokenizer is byte-level with DeepSeek's special tokens and the DeepSeek-Coder-V2 chat template.
+"""
 
 from __future__ import annotations
 
