@@ -28,7 +28,7 @@ V2_LITE = dict(  # greedy routing, no q-LoRA, YaRN
     vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=4, n_shared_experts=2, n_routed_experts=8, num_experts_per_tok=3,
     first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=16, max_position_embeddings=4096, topk_method="greedy", routed_scaling_factor=1.0,
+    v_head_dim=16, max_position_embeddings=8192, topk_method="greedy", routed_scaling_factor=1.0,
     bos_token_id=256, eos_token_id=257, rope_scaling=ROPE_YARN,
 )
 V2_236B = dict(  # q-LoRA, group-limited routing, routed scaling 16, several MoE layers after a dense one
@@ -37,7 +37,7 @@ V2_236B = dict(  # q-LoRA, group-limited routing, routed scaling 16, several MoE
 )
 LLAMA_MHA = dict(
     vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=257,
+    num_key_value_heads=4, max_position_embeddings=8192, rms_norm_eps=1e-6, bos_token_id=256, eos_token_id=257,
     rope_theta=100000.0, rope_scaling={"type": "linear", "factor": 4.0},
 )
 LLAMA_MQA = dict(LLAMA_MHA, num_key_value_heads=1)

@@ -29,7 +29,9 @@ class Sequence:
         n = len(self.prompt_ids)
         if stop <= n:
             return self.prompt_ids[start:stop]
-        return (self.prompt_ids + self.output_ids)[start:stop]
+        if start >= n:
+            return self.output_ids[start - n : stop - n]
+        return self.prompt_ids[start:] + self.output_ids[: stop - n]
 
     @property
     def finished(self) -> bool:

@@ -52,7 +52,9 @@ def hf_greedy(model, prompt: list[int], n: int = 32) -> list[int]:
     from transformers import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    out = model.generate(torch.tensor([prompt], device=DEVICE), generation_config=cfg)
+    ids = torch.tensor([prompt], device=DEVICE)
+    # an explicit mask: otherwise generate() takes prompt tokens equal to pad_token_id for padding
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
     return out[0, len(prompt):].tolist()
 
 

@@ -49,7 +49,6 @@ def test_llama_long_prompt_linear_scaling(checkpoint_dir):
     assert out.token_ids == hf_greedy(ref, prompt)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
 def test_6k_prompt(checkpoint_dir, kind):
     d = checkpoint_dir(kind)
