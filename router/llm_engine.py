@@ -60,18 +60,14 @@ class LLMEngine:
         model = build_model(CausalLM, model_config, device, dtype, checkpoint, seed=config.seed,
                             grouped_mm=select_grouped_mm(device, dtype))
         max_len = config.max_model_len or model_config.max_position_embeddings
-        per_block = bytes_per_token(model_config, dtype) * config.block_size
         if device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
         else:
             budget = int(config.kv_cache_gib * 2**30)
-        useful = config.max_num_seqs * -(-max_len // config.block_size) + 1  # more would never be used
-        num_blocks = min(budget // per_block, useful)
-        if num_blocks < 1:
-            raise ValueError(f"the KV cache budget ({budget} bytes) holds no block of {per_block} bytes")
-        kv_cache = KVCache(model_config, num_blocks, config.block_size, dtype, device)
-        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, config.block_size,
-                 num_blocks * per_block / 2**30)
+        kv_cache = KVCache.from_budget(model_config, budget, config.block_size, dtype, device,
+                                       max_blocks=config.max_num_seqs * -(-max_len // config.block_size) + 1)
+        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", kv_cache.num_blocks, config.block_size,
+                 kv_cache.num_blocks * bytes_per_token(model_config, dtype) * config.block_size / 2**30)
         return cls(config, model_config, ModelRunner(model, kv_cache, device), load_tokenizer(model_dir))
 
     # --- requests ---

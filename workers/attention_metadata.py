@@ -20,10 +20,6 @@ class AttentionMetadata:
     def is_decode(self) -> bool:
         return all(q == 1 for q in self.query_lens)
 
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
-
     def sequences(self):
         """Yields (i, start, query_len, context_len) for each sequence of the flat batch."""
         start = 0

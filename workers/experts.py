@@ -28,9 +28,6 @@ class Experts(nn.Module):
         self.w2.shards = tuple((e, "down") for e in self.expert_ids)
         self.w13.weight_loader = self.w2.weight_loader = self._load
 
-    def owns(self, expert: int) -> bool:
-        return expert in self.local_index
-
     def _load(self, param: torch.Tensor, ref, shard) -> None:
         expert, proj = shard
         if expert not in self.local_index:

@@ -18,12 +18,11 @@ def entry_shape(config: ModelConfig) -> tuple[int, ...]:
     return (2, config.num_key_value_heads, config.head_dim)
 
 
-def bytes_per_token(config: ModelConfig, dtype: torch.dtype, layers: int | None = None) -> int:
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     per_layer = 1
     for d in entry_shape(config):
         per_layer *= d
-    n = config.num_hidden_layers if layers is None else layers
-    return per_layer * n * torch.empty((), dtype=dtype).element_size()
+    return per_layer * config.num_hidden_layers * torch.empty((), dtype=dtype).element_size()
 
 
 class KVCache:
@@ -36,9 +35,10 @@ class KVCache:
 
     @classmethod
     def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int, dtype: torch.dtype,
-                    device: torch.device) -> "KVCache":
+                    device: torch.device, max_blocks: int) -> "KVCache":
+        """As many blocks as fit in budget_bytes, but no more than max_blocks (more would never be used)."""
         per_block = bytes_per_token(config, dtype) * block_size
-        num_blocks = budget_bytes // per_block
+        num_blocks = min(budget_bytes // per_block, max_blocks)
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget of {budget_bytes} bytes holds no {block_size}-token block")
         return cls(config, num_blocks, block_size, dtype, device)
