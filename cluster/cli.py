@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 
+from cluster.tiny_checkpoint import SHAPES
 from router.engine_config import EngineConfig
 from workers.checkpoint import CheckpointError
 from workers.config import ConfigError
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
     t = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint (for demos and tests)")
     t.add_argument("dir")
-    t.add_argument("--kind", default="v2_lite", choices=["v2_lite", "v2_236b", "llama_mha", "llama_mqa"])
+    t.add_argument("--kind", default="v2_lite", choices=list(SHAPES))
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_tiny_checkpoint)
     return parser

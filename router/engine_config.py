@@ -18,3 +18,6 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_gib: float = 1.0  # CPU cache budget
     gpu_memory_utilization: float = 0.85  # fraction of free GPU memory for the cache after loading
+
+    def model_len(self, max_position_embeddings: int) -> int:
+        return self.max_model_len or max_position_embeddings

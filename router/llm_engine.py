@@ -39,7 +39,7 @@ class LLMEngine:
         self.model_config = model_config
         self.runner = runner
         self.tokenizer = tokenizer
-        self.max_model_len = config.max_model_len or model_config.max_position_embeddings
+        self.max_model_len = config.model_len(model_config.max_position_embeddings)
         cache = runner.kv_cache
         self.scheduler = Scheduler(config, BlockManager(cache.num_blocks, cache.block_size))
         self.eos_ids = set(model_config.eos_token_ids)
@@ -59,7 +59,7 @@ class LLMEngine:
         checkpoint = None if config.random_weights else Checkpoint(model_dir)
         model = build_model(CausalLM, model_config, device, dtype, checkpoint, seed=config.seed,
                             grouped_mm=select_grouped_mm(device, dtype))
-        max_len = config.max_model_len or model_config.max_position_embeddings
+        max_len = config.model_len(model_config.max_position_embeddings)
         if device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
         else:

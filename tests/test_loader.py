@@ -106,12 +106,10 @@ def test_garbage_header_names_the_file(checkpoint_dir, tmp_path):
 
 def test_missing_tensor_is_named(checkpoint_dir, tmp_path):
     d = _copy(checkpoint_dir("llama_mha"), tmp_path / "ck")
-    index = json.loads((d / "model.safetensors.index.json").read_text())
     ckpt = Checkpoint(d)
     del ckpt.tensors["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.gate_up_proj.weight up"):
         build_model(CausalLM, ModelConfig.from_pretrained(d), torch.device("cpu"), torch.float32, ckpt)
-    assert index["weight_map"]
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):
