@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,8 +15,7 @@ from workers.checkpoint import CheckpointError
 from workers.config import ConfigError
 from workers.sampling_params import SamplingParams
 
-REQUEST_FIELDS = {"prompt", "prompt_token_ids", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
-                  "stop_token_ids", "ignore_eos"}
+REQUEST_FIELDS = {"prompt", "prompt_token_ids"} | {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 class InputError(ValueError):
@@ -79,20 +79,31 @@ def cmd_generate(args) -> int:
     t1 = time.perf_counter()
     outputs = engine.generate(prompts, [p for _, p in requests])
     t_gen = time.perf_counter() - t1
-    n_out = sum(len(o.token_ids) for o in outputs)
+    samples = [(o.request_id, i, c) for i, o in enumerate(outputs) for c in o.outputs]
+    n_out = sum(len(c.token_ids) for _, _, c in samples)
     print(f"loaded in {t_load:.2f}s; generated {n_out} tokens for {len(outputs)} requests in {t_gen:.2f}s "
           f"({n_out / max(t_gen, 1e-9):.1f} tok/s)", file=sys.stderr)
-    lines = [json.dumps({"index": o.index, "text": o.text, "token_ids": o.token_ids,
-                         "finish_reason": o.finish_reason}, ensure_ascii=False) for o in outputs]
+    lines = [json.dumps(sample_line(i, c), ensure_ascii=False) for _, i, c in samples]
     if args.output:
         with open(args.output, "w") as f:
             f.write("".join(line + "\n" for line in lines))
     elif args.json:
         print("\n".join(lines))
     else:
-        for o in outputs:
-            print(o.text)
+        for _, _, c in samples:
+            print(c.text)
     return 0
+
+
+def sample_line(index: int, c) -> dict:
+    """One output line: request index, sample index (for n > 1), text, token ids, finish reason, logprobs."""
+    line = {"index": index, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+    if c.index:
+        line["sample"] = c.index
+    if c.logprobs is not None:
+        line["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob, "rank": lp.rank,
+                             "top": [[t, v] for t, v in lp.top]} for lp in c.logprobs]
+    return line
 
 
 def cmd_tiny_checkpoint(args) -> int:

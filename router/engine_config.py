@@ -15,6 +15,7 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_gib: float = 1.0  # CPU cache budget
     gpu_memory_utilization: float = 0.85  # fraction of free GPU memory for the cache after loading

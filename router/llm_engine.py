@@ -5,11 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
+from router.detokenizer import IncrementalDetokenizer
 from router.engine_config import EngineConfig
+from router.engine_stats import EngineStats
+from router.request_output import CompletionOutput, RequestOutput
 from router.scheduler import Scheduled, Scheduler
 from router.sequence import Sequence
 from workers.block_manager import BlockManager
@@ -20,17 +22,10 @@ from workers.grouped_mm import select_grouped_mm
 from workers.kv_cache import KVCache, bytes_per_token
 from workers.loader import build_model
 from workers.model_runner import ModelRunner, SeqChunk
+from workers.sampler import SampleResult, SampleRow
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-class RequestOutput(NamedTuple):
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
 
 
 class LLMEngine:
@@ -39,13 +34,15 @@ class LLMEngine:
         self.model_config = model_config
         self.runner = runner
         self.tokenizer = tokenizer
-        self.max_model_len = config.model_len(model_config.max_position_embeddings)
         cache = runner.kv_cache
-        self.scheduler = Scheduler(config, BlockManager(cache.num_blocks, cache.block_size))
+        self.max_model_len = fit_model_len(config, model_config, cache.num_slots)
+        self.scheduler = Scheduler(config, BlockManager(cache.num_blocks, cache.block_size,
+                                                        config.enable_prefix_caching))
         self.eos_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        self._ids = itertools.count()
+        self.requests: dict[str, list[Sequence]] = {}  # unfinished requests: all their samples
+        self._seq_ids = itertools.count()
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> "LLMEngine":
@@ -72,87 +69,155 @@ class LLMEngine:
 
     # --- requests ---
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raises ValueError, with what to fix, for a request this engine cannot take."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len}")
-        cache = self.runner.kv_cache
-        if -(-len(prompt_ids) // cache.block_size) > cache.num_blocks:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {cache.num_slots}")
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                             f"{self.max_model_len}, so at most {self.max_model_len - 1} prompt tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this checkpoint ships none; use stop_token_ids")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        self.validate(prompt_ids, params)
+        request_id = str(next(self._seq_ids)) if request_id is None else request_id
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        prompt_ids = list(prompt_ids)
+        seqs = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
+        seqs[0].forks = seqs[1:]  # they branch off when the prompt is done, sharing its blocks
+        self.requests[request_id] = seqs
+        self.scheduler.add(seqs[0])
+        return request_id
+
+    def _new_sequence(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         gen = None
         if params.seed is not None:
-            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        seq = Sequence(next(self._ids), list(prompt_ids), params, generator=gen)
-        self.scheduler.add(seq)
-        return seq
+            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
+        detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
+        return Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, gen, detokenizer=detok)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stops a request and frees its blocks; its last output (finish_reason "abort"), or None if unknown."""
+        seqs = self.requests.pop(request_id, None)
+        if seqs is None:
+            return None
+        outputs = []
+        for seq in seqs:
+            if not seq.finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+                outputs.append(CompletionOutput(seq.index, "", [], None, "abort"))
+        return RequestOutput(request_id, seqs[0].prompt_ids, outputs, True, 0)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        blocks = self.scheduler.blocks
+        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.usage,
+                           blocks.prefix_hit_rate, self.scheduler.num_preemptions, blocks.num_blocks,
+                           blocks.block_size)
 
     # --- the hot path ---
 
-    def step(self) -> list[Sequence]:
-        """One forward pass; returns the sequences that finished in it."""
+    def step(self) -> list[RequestOutput]:
+        """One forward pass: schedule -> run -> postprocess. Returns what each request gained."""
         scheduled = self.scheduler.schedule()
         if not scheduled:
-            raise RuntimeError("the scheduler found nothing to run: the KV cache is too small for any waiting prompt")
-        tokens = self.runner.step([self._chunk(s) for s in scheduled])
-        return self._postprocess(scheduled, tokens)
+            return []
+        results = self.runner.step([self._chunk(s) for s in scheduled])
+        return self._postprocess(scheduled, results)
 
     @staticmethod
     def _chunk(s: Scheduled) -> SeqChunk:
         seq = s.seq
+        samples = ()
+        if s.sample:
+            samples = tuple(SampleRow(q.params, q.generator, q.prompt_ids, q.output_ids) for q in [seq, *seq.forks])
         return SeqChunk(seq.token_slice(seq.num_cached, seq.num_cached + s.num_new), seq.num_cached,
-                        seq.block_table, s.sample, seq.params, seq.generator)
+                        seq.block_table, samples)
 
-    def _postprocess(self, scheduled: list[Scheduled], tokens: list[int]) -> list[Sequence]:
-        finished, sampled = [], iter(tokens)
+    def _postprocess(self, scheduled: list[Scheduled], results: list[SampleResult]) -> list[RequestOutput]:
+        moved: dict[str, list[CompletionOutput]] = {}
+        results_iter = iter(results)
+        blocks = self.scheduler.blocks
         for s in scheduled:
             seq = s.seq
             seq.num_cached += s.num_new
+            blocks.commit(seq)
             if not s.sample:
                 continue
-            seq.output_ids.append(next(sampled))
-            reason = self._finish_reason(seq)
-            if reason is not None:
-                seq.finish_reason = reason
-                self.scheduler.finish(seq)
-                finished.append(seq)
-        return finished
+            for sample in [seq, *self._fork(seq)]:
+                moved.setdefault(seq.request_id, []).append(self._append(sample, next(results_iter)))
+        outputs = []
+        for request_id, deltas in moved.items():
+            seqs = self.requests[request_id]
+            finished = all(q.finished for q in seqs)
+            if finished:
+                del self.requests[request_id]
+            outputs.append(RequestOutput(request_id, seqs[0].prompt_ids, deltas, finished, seqs[0].num_prompt_hit))
+        return outputs
 
-    def _finish_reason(self, seq: Sequence) -> str | None:
-        p, token = seq.params, seq.output_ids[-1]
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            return "stop"
-        if p.stop and self.tokenizer is not None:
-            text = self.decode(seq.output_ids)
-            hits = [text.index(s) for s in p.stop if s in text]
-            if hits:
-                seq.text = text[: min(hits)]
-                return "stop"
-        if len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """seq's other samples, branching off now that its prompt is computed: they share its full blocks."""
+        forks, seq.forks = seq.forks, []
+        blocks = self.scheduler.blocks
+        shared = seq.num_cached // blocks.block_size
+        for child in forks:
+            child.block_table = blocks.fork(seq.block_table, shared)
+            child.block_hashes = seq.block_hashes[:shared]
+            child.num_cached = shared * blocks.block_size
+            child.num_prompt_hit = seq.num_prompt_hit
+            self.scheduler.add_running(child)
+        return forks
 
-    def decode(self, token_ids: list[int]) -> str:
-        if self.tokenizer is None:
-            return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def output(self, index: int, seq: Sequence) -> RequestOutput:
-        text = seq.text if seq.text is not None else self.decode(seq.output_ids)
-        return RequestOutput(index, text, list(seq.output_ids), seq.finish_reason, len(seq.prompt_ids))
+    def _append(self, seq: Sequence, result: SampleResult) -> CompletionOutput:
+        """Adds a sampled token to seq, decides whether seq is done, and returns what it gained."""
+        p, token = seq.params, result.token_id
+        seq.output_ids.append(token)
+        if result.logprobs is not None:
+            seq.logprobs.append(result.logprobs)
+        stop_token = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
+        if seq.detokenizer is not None and (not stop_token or p.include_stop_str_in_output):
+            if seq.detokenizer.add(token):
+                seq.finish_reason = "stop"
+        if stop_token:
+            seq.finish_reason = "stop"
+        elif seq.finish_reason is None and (len(seq.output_ids) >= p.max_tokens or
+                                            seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+        if seq.finished:
+            self.scheduler.finish(seq)
+        text = seq.detokenizer.delta(seq.finished) if seq.detokenizer is not None else ""
+        logprobs = None if result.logprobs is None else [result.logprobs]
+        return CompletionOutput(seq.index, text, [token], logprobs, seq.finish_reason)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        """Runs a whole batch to completion; outputs in input order."""
-        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        """Runs a whole batch to completion; one merged output per prompt, in input order."""
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        merged: dict[str, RequestOutput] = {}
         while self.has_unfinished():
-            self.step()
-        return [self.output(i, s) for i, s in enumerate(seqs)]
+            for out in self.step():
+                merged[out.request_id] = merged[out.request_id].merge(out) if out.request_id in merged else out
+        return [merged[i] for i in ids]
+
+
+def fit_model_len(config: EngineConfig, model_config: ModelConfig, cache_slots: int) -> int:
+    """The longest sequence served: the configured or the model's length, within what the cache holds."""
+    wanted = config.model_len(model_config.max_position_embeddings)
+    if wanted <= cache_slots:
+        return wanted
+    if config.max_model_len is not None:
+        raise ValueError(f"max_model_len {wanted} does not fit in the KV cache ({cache_slots} tokens); "
+                         "raise the cache budget or lower max_model_len")
+    log.warning("serving at most %d tokens per sequence (the KV cache's size), below the model's %d",
+                cache_slots, wanted)
+    return cache_slots
 
 
 def load_tokenizer(model_dir: Path):

@@ -1,8 +1,10 @@
-"""Scheduler: decides each step's work within the token and sequence budgets.
+"""Scheduler: each step's work within a token budget, decode and prefill mixed (continuous batching).
 
-Prefill chunks of waiting sequences go first (a long prompt spans several steps), else one decode token for every
-running sequence. When the cache runs out during decode, the newest running sequence is preempted by recompute:
-its blocks are freed and it returns to the front of the queue, to be prefilled again with its output so far.
+Running sequences go first, oldest first: each gets the tokens it has left to compute (one when decoding, a
+chunk of its prompt while prefilling), as far as `max_num_batched_tokens` allows. Waiting sequences are then
+admitted while the budget, `max_num_seqs` and the free blocks allow; each first takes whatever prefix of its tokens
+the prefix cache holds. When the cache runs out, the newest running sequence is preempted by recompute: its
+blocks are released (its computed full blocks stay in the prefix cache) and it returns to the front of the queue.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from workers.block_manager import BlockManager
 class Scheduled(NamedTuple):
     seq: Sequence
     num_new: int  # tokens computed this step
-    sample: bool  # a token is sampled after them
+    sample: bool  # the sequence is then fully computed, and a token is sampled after them
 
 
 class Scheduler:
@@ -36,45 +38,53 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Scheduled]:
-        return self._schedule_prefill() or self._schedule_decode()
-
-    def _schedule_prefill(self) -> list[Scheduled]:
-        out, budget = [], self.config.max_num_batched_tokens
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(seq.num_tokens - seq.num_cached, budget)
-            if not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
-                break
-            self.blocks.grow(seq.block_table, seq.num_cached + n)
-            done = seq.num_cached + n == seq.num_tokens
-            out.append(Scheduled(seq, n, done))
-            budget -= n
-            if not done:
-                break  # the rest of this prompt goes in the next step
-            self.running.append(self.waiting.popleft())
-        return out
-
-    def _schedule_decode(self) -> list[Scheduled]:
-        out = []
-        for seq in list(self.running):
-            if seq not in self.running:
-                continue  # preempted below
-            while not self.blocks.can_grow(seq.block_table, seq.num_tokens):
-                victim = self.running[-1]
+        """This step's sequences, decodes (one token) first, then prefill chunks."""
+        budget = self.config.max_num_batched_tokens
+        out: list[Scheduled] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_to_compute, budget)
+            while not self.blocks.can_grow(seq.block_table, seq.num_cached + n):
+                preempted = True
+                victim = self.running.pop()  # the newest
                 self._preempt(victim)
                 if victim is seq:
                     break
-            if seq in self.running:
-                self.blocks.grow(seq.block_table, seq.num_tokens)
-                out.append(Scheduled(seq, 1, True))
+            else:
+                self.blocks.grow(seq.block_table, seq.num_cached + n)
+                out.append(Scheduled(seq, n, n == seq.num_to_compute))
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.blocks.match_prefix(seq)
+            cached = len(hits) * self.blocks.block_size
+            n = min(seq.num_tokens - cached, budget)
+            if not self.blocks.can_grow(hits, cached + n, reserved=self.blocks.blocks_to_take(hits)):
+                break
+            self.blocks.take_prefix(seq, hits)
+            if not seq.output_ids:  # a first admission, not a resumption after preemption
+                seq.num_prompt_hit = seq.num_cached
+                self.blocks.count_query(len(seq.prompt_ids), seq.num_cached)
+            self.blocks.grow(seq.block_table, seq.num_cached + n)
+            self.running.append(self.waiting.popleft())
+            out.append(Scheduled(seq, n, n == seq.num_to_compute))
+            budget -= n
+        out.sort(key=lambda s: s.num_new > 1)  # stable: decodes first, each group in running order
         return out
 
     def _preempt(self, seq: Sequence) -> None:
-        self.running.remove(seq)
         self.blocks.release(seq.block_table)
+        seq.block_hashes.clear()
         seq.num_cached = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def add_running(self, seq: Sequence) -> None:
+        """A forked sample joins the batch beside its parent (it already holds the prompt's blocks)."""
+        self.running.append(seq)
 
     def finish(self, seq: Sequence) -> None:
         self.blocks.release(seq.block_table)

@@ -10,6 +10,7 @@ from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine
 from workers.block_manager import BlockManager
 from workers.model_runner import SeqChunk
+from workers.sampler import SampleRow
 from workers.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
@@ -23,6 +24,11 @@ def engine(model_dir, **kw) -> LLMEngine:
     return LLMEngine.from_config(EngineConfig(model=str(model_dir), **kw))
 
 
+def generate_tokens(eng: LLMEngine, prompts: list[list[int]], params=GREEDY) -> list[list[int]]:
+    """Each prompt's (first sample's) output token ids, the whole batch run together."""
+    return [out.outputs[0].token_ids for out in eng.generate(prompts, [params] * len(prompts))]
+
+
 def prefill_logits(eng: LLMEngine, prompts: list[list[int]]) -> list[torch.Tensor]:
     """All-position logits of a batch of prompts in one forward pass, cached into fresh blocks."""
     bm = BlockManager(eng.runner.kv_cache.num_blocks, eng.runner.kv_cache.block_size)
@@ -30,7 +36,7 @@ def prefill_logits(eng: LLMEngine, prompts: list[list[int]]) -> list[torch.Tenso
     for p in prompts:
         table: list[int] = []
         bm.grow(table, len(p))
-        chunks.append(SeqChunk(p, 0, table, True, GREEDY, None))
+        chunks.append(SeqChunk(p, 0, table, (SampleRow(GREEDY, None, p, []),)))
     logits = eng.runner.forward_logits(chunks, all_positions=True)
     return list(logits.split([len(p) for p in prompts])), chunks
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from tests.harness import GREEDY, engine, random_prompts
+from tests.harness import engine, generate_tokens, random_prompts
 from workers.config import ModelConfig
 from workers.kv_cache import bytes_per_token
 
@@ -10,12 +10,12 @@ from workers.kv_cache import bytes_per_token
 def test_batched_equals_alone_with_chunking_and_preemption(checkpoint_dir):
     d = checkpoint_dir("v2_236b")
     prompts = random_prompts([3, 50, 21, 90, 7, 64], seed=9)
-    alone = [engine(d).generate([p], [GREEDY])[0].token_ids for p in prompts]
+    alone = [generate_tokens(engine(d), [p])[0] for p in prompts]
     # 24 blocks of 16 tokens cannot hold all six sequences at full length: decode must preempt
     block_bytes = bytes_per_token(ModelConfig.from_pretrained(d), torch.float32) * 16
     tight = engine(d, kv_cache_gib=24 * block_bytes / 2**30, max_num_batched_tokens=40)
     assert tight.runner.kv_cache.num_blocks == 24
-    batched = tight.generate(prompts, [GREEDY] * len(prompts))
+    batched = generate_tokens(tight, prompts)
     assert tight.scheduler.num_preemptions > 0
-    assert [o.token_ids for o in batched] == alone
+    assert batched == alone
     assert tight.scheduler.blocks.usage == 0.0  # every block returned

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.harness import GREEDY, engine, hf_greedy, hf_logits, hf_model, prefill_logits, random_prompts
+from tests.harness import GREEDY, engine, generate_tokens, hf_greedy, hf_logits, hf_model, prefill_logits, random_prompts
 
 
 def test_logits_match_transformers(checkpoint_dir, kind):
@@ -23,8 +23,8 @@ def test_greedy_32_tokens_identical(checkpoint_dir, kind):
     prompts = random_prompts([5, 17, 40], seed=1)
     outs = eng.generate(prompts, [GREEDY] * len(prompts))
     for p, out in zip(prompts, outs):
-        assert out.token_ids == hf_greedy(ref, p), f"{kind}: prompt of {len(p)} tokens"
-        assert out.finish_reason == "length"
+        assert out.outputs[0].token_ids == hf_greedy(ref, p), f"{kind}: prompt of {len(p)} tokens"
+        assert out.outputs[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
@@ -37,16 +37,16 @@ def test_long_prompt_past_original_context(checkpoint_dir, kind):
     ours, _ = prefill_logits(eng, [prompt])
     want = hf_logits(ref, prompt)
     assert (ours[0] - want).abs().max().item() <= 1e-4 * want.abs().max().item()
-    (out,) = eng.generate([prompt], [GREEDY])  # chunked prefill: 4 chunks of 512
-    assert out.token_ids == hf_greedy(ref, prompt)
+    (out,) = generate_tokens(eng, [prompt])  # chunked prefill: 4 chunks of 512
+    assert out == hf_greedy(ref, prompt)
 
 
 def test_llama_long_prompt_linear_scaling(checkpoint_dir):
     d = checkpoint_dir("llama_mqa")
     eng, ref = engine(d, max_num_batched_tokens=700), hf_model(d)
     (prompt,) = random_prompts([2000], seed=3)
-    (out,) = eng.generate([prompt], [GREEDY])
-    assert out.token_ids == hf_greedy(ref, prompt)
+    (out,) = generate_tokens(eng, [prompt])
+    assert out == hf_greedy(ref, prompt)
 
 
 @pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
@@ -54,8 +54,8 @@ def test_6k_prompt(checkpoint_dir, kind):
     d = checkpoint_dir(kind)
     eng, ref = engine(d, max_num_batched_tokens=2048, kv_cache_gib=0.2), hf_model(d)
     (prompt,) = random_prompts([6000], seed=4)
-    (out,) = eng.generate([prompt], [GREEDY])
-    assert out.token_ids == hf_greedy(ref, prompt)
+    (out,) = generate_tokens(eng, [prompt])
+    assert out == hf_greedy(ref, prompt)
 
 
 def test_absorbed_decode_equals_naive(checkpoint_dir):

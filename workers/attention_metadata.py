@@ -1,4 +1,7 @@
-"""AttentionMetadata: where a step's flat tokens sit in their sequences and in the paged cache."""
+"""AttentionMetadata: where a step's flat tokens sit in their sequences and in the paged cache.
+
+The flat batch holds the decode sequences (one new token each) first, then the prefill chunks.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +18,17 @@ class AttentionMetadata:
     query_lens: tuple[int, ...]  # new tokens of each sequence, in the order of the flat batch
     context_lens_list: tuple[int, ...]  # context_lens, on the host
     block_size: int
+    num_decodes: int  # the first num_decodes sequences have one new token each
 
-    @property
-    def is_decode(self) -> bool:
-        return all(q == 1 for q in self.query_lens)
+    def prefills(self, first: int | None = None):
+        """Yields (i, start, query_len, context_len) for each sequence from `first` on (default: the prefill chunks).
 
-    def sequences(self):
-        """Yields (i, start, query_len, context_len) for each sequence of the flat batch."""
-        start = 0
-        for i, (q, c) in enumerate(zip(self.query_lens, self.context_lens_list)):
+        The sequences before `first` must be decodes (one token each), so sequence `first` starts at token `first`.
+        """
+        start = self.num_decodes if first is None else first
+        assert start <= self.num_decodes
+        for i in range(start, len(self.query_lens)):
+            q, c = self.query_lens[i], self.context_lens_list[i]
             yield i, start, q, c
             start += q
 
@@ -33,21 +38,14 @@ class AttentionMetadata:
         blocks = self.block_tables[i, : (c + self.block_size - 1) // self.block_size]
         return cache[blocks].flatten(0, 1)[:c]
 
-    def batch_context(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All sequences' entries, padded: cache [N, bs, *E] -> ([B, S, *E], valid mask [B, S])."""
-        longest = max(self.context_lens_list)
-        blocks = self.block_tables[:, : (longest + self.block_size - 1) // self.block_size]  # [B, M]
+    def decode_context(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode sequences' entries, padded: cache [N, bs, *E] -> ([B, S, *E], valid mask [B, S])."""
+        B = self.num_decodes
+        longest = max(self.context_lens_list[:B])
+        blocks = self.block_tables[:B, : (longest + self.block_size - 1) // self.block_size]  # [B, M]
         entries = cache[blocks].flatten(1, 2)  # [B, M*bs, *E]
-        valid = torch.arange(entries.shape[1], device=cache.device)[None, :] < self.context_lens[:, None]  # [B, S]
-        return entries, valid
-
-    def causal_mask(self, i: int, device: torch.device) -> torch.Tensor | None:
-        """[q, C] mask for sequence i's new tokens over its whole context; None when plain causal suffices."""
-        q, c = self.query_lens[i], self.context_lens_list[i]
-        if q == c:
-            return None
-        rows = torch.arange(q, device=device)[:, None] + (c - q)
-        return torch.arange(c, device=device)[None, :] <= rows  # [q, C]
+        positions = torch.arange(entries.shape[1], device=cache.device)[None, :]  # [1, S]
+        return entries, positions < self.context_lens[:B, None]
 
 
 def store(cache: torch.Tensor, slot_mapping: torch.Tensor, values: torch.Tensor) -> None:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.attention_metadata import AttentionMetadata, store
 from workers.config import ModelConfig
 from workers.linear import QKVLinear
 from workers.rotary_embedding import RotaryEmbedding
+from workers.tiled_attention import tiled_attention
 
 
 class LlamaAttention(nn.Module):
@@ -30,15 +30,18 @@ class LlamaAttention(nn.Module):
         q = self.rotary(q.view(T, H, Dh), cos, sin)  # [T, H, Dh]
         k = self.rotary(k.view(T, KV, Dh), cos, sin)  # [T, KV, Dh]
         store(cache, meta.slot_mapping, torch.stack((k, v.view(T, KV, Dh)), dim=1))  # cache [N, bs, 2, KV, Dh]
-        if meta.is_decode:
-            out = self._decode(q, cache, meta)
-        else:
-            out = self._prefill(q, cache, meta)
+        nd = meta.num_decodes
+        out = torch.empty_like(q)  # [T, H, Dh]
+        if nd:
+            out[:nd] = self._decode(q[:nd], cache, meta)
+        for i, start, qlen, clen in meta.prefills():
+            out[start : start + qlen] = tiled_attention(q[start : start + qlen], self._kv_tiles(meta.context(cache, i)),
+                                                        clen, self.scale)
         return self.o_proj(out.flatten(1))  # [T, D]
 
     def _decode(self, q, cache, meta: AttentionMetadata) -> torch.Tensor:
         B, H, KV, Dh = q.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
-        entries, valid = meta.batch_context(cache)  # [B, S, 2, KV, Dh], [B, S]
+        entries, valid = meta.decode_context(cache)  # [B, S, 2, KV, Dh], [B, S]
         k, v = entries[:, :, 0].transpose(1, 2), entries[:, :, 1].transpose(1, 2)  # [B, KV, S, Dh]
         qg = q.view(B, KV, H // KV, Dh)  # [B, KV, G, Dh]
         scores = torch.matmul(qg, k.transpose(2, 3)).float() * self.scale  # [B, KV, G, S]
@@ -46,15 +49,7 @@ class LlamaAttention(nn.Module):
         out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # [B, KV, G, Dh]
         return out.view(B, H, Dh)
 
-    def _prefill(self, q, cache, meta: AttentionMetadata) -> torch.Tensor:
-        out = torch.empty_like(q)  # [T, H, Dh]
-        for i, start, qlen, _ in meta.sequences():
-            entries = meta.context(cache, i)  # [C, 2, KV, Dh]
-            k, v = entries[:, 0].transpose(0, 1), entries[:, 1].transpose(0, 1)  # [KV, C, Dh]
-            mask = meta.causal_mask(i, q.device)
-            o = F.scaled_dot_product_attention(
-                q[start : start + qlen].transpose(0, 1), k, v, attn_mask=mask,
-                is_causal=mask is None and qlen > 1, scale=self.scale, enable_gqa=True,
-            )  # [H, q, Dh]
-            out[start : start + qlen] = o.transpose(0, 1)
-        return out
+    @staticmethod
+    def _kv_tiles(entries: torch.Tensor):
+        """A tile of the cached context [C, 2, KV, Dh] as keys and values [C, KV, Dh]."""
+        return lambda start, stop: (entries[start:stop, 0], entries[start:stop, 1])

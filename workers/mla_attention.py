@@ -1,20 +1,21 @@
 """MLAAttention: DeepSeek-V2 multi-head latent attention over a paged latent cache.
 
 The cache holds, per token, the normalized latent c_kv [L] and the roped key k_pe [R]; keys and values are never
-cached expanded. Prefill expands the context through kv_b_proj (the "naive" form); decode uses the weight-absorbed
-form, scoring queries directly against the latents and applying W_UV after attention.
+cached expanded. Prefill chunks expand their context through kv_b_proj a tile at a time (the "naive" form, see
+tiled_attention); decode uses the weight-absorbed form, scoring queries directly against the latents and applying
+W_UV after attention. A step may mix both: its decode tokens come first in the flat batch.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.attention_metadata import AttentionMetadata, store
 from workers.config import ModelConfig
 from workers.rms_norm import RMSNorm
 from workers.rotary_embedding import RotaryEmbedding, softmax_scale
+from workers.tiled_attention import tiled_attention
 
 
 class MLAAttention(nn.Module):
@@ -54,11 +55,26 @@ class MLAAttention(nn.Module):
         latent = self.kv_a_layernorm(kv[:, :L])  # [T, L]
         k_pe = self.rotary(kv[:, None, L:], cos, sin)[:, 0]  # [T, R]
         store(cache, meta.slot_mapping, torch.cat((latent, k_pe), dim=-1))
-        if meta.is_decode and self.absorb_decode:
-            out = self._decode_absorbed(q_nope, q_pe, cache, meta)
-        else:
-            out = self._attend_expanded(q_nope, q_pe, cache, meta)
+        nd = meta.num_decodes if self.absorb_decode else 0
+        out = q_nope.new_empty(T, H, self.v_dim)  # [T, H, V]
+        if nd:
+            out[:nd] = self._decode_absorbed(q_nope[:nd], q_pe[:nd], cache, meta)
+        for i, start, qlen, clen in meta.prefills(first=nd):
+            q_i = torch.cat((q_nope[start : start + qlen], q_pe[start : start + qlen]), dim=-1)  # [q, H, N+R]
+            out[start : start + qlen] = tiled_attention(q_i, self._kv_tiles(meta.context(cache, i)), clen, self.scale)
         return self.o_proj(out.flatten(1))  # [T, D]
+
+    def _kv_tiles(self, entries: torch.Tensor):
+        """Expands a tile of cached latents [C, L+R] into keys [C, H, N+R] and values [C, H, V]."""
+        H, L, N, R, V = self.num_heads, self.latent_dim, self.nope_dim, self.rope_dim, self.v_dim
+
+        def tile(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+            e = entries[start:stop]  # [C, L+R]
+            kv = self.kv_b_proj(e[:, :L]).view(stop - start, H, N + V)  # [C, H, N+V]
+            k = torch.cat((kv[..., :N], e[:, None, L:].expand(stop - start, H, R)), dim=-1)  # [C, H, N+R]
+            return k, kv[..., N:]
+
+        return tile
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)  # [H, N+V, L]
@@ -68,27 +84,10 @@ class MLAAttention(nn.Module):
         L = self.latent_dim
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, L]
-        entries, valid = meta.batch_context(cache)  # [B, S, L+R], [B, S]
+        entries, valid = meta.decode_context(cache)  # [B, S, L+R], [B, S]
         c_kv, k_pe = entries[..., :L], entries[..., L:]  # [B, S, L], [B, S, R]
         scores = torch.bmm(q_latent, c_kv.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))  # [B, H, S]
         scores = (scores.float() * self.scale).masked_fill(~valid[:, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype)  # [B, H, S]
         o_latent = torch.bmm(probs, c_kv)  # [B, H, L]
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
-
-    def _attend_expanded(self, q_nope, q_pe, cache, meta: AttentionMetadata) -> torch.Tensor:
-        H, L, N = self.num_heads, self.latent_dim, self.nope_dim
-        q = torch.cat((q_nope, q_pe), dim=-1)  # [T, H, N+R]
-        out = q.new_empty(q.shape[0], H, self.v_dim)  # [T, H, V]
-        for i, start, qlen, clen in meta.sequences():
-            entries = meta.context(cache, i)  # [C, L+R]
-            kv = self.kv_b_proj(entries[:, :L]).view(clen, H, N + self.v_dim)  # [C, H, N+V]
-            k = torch.cat((kv[..., :N], entries[:, None, L:].expand(clen, H, self.rope_dim)), dim=-1)  # [C, H, N+R]
-            v = kv[..., N:]  # [C, H, V]
-            mask = meta.causal_mask(i, q.device)
-            o = F.scaled_dot_product_attention(
-                q[start : start + qlen].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                attn_mask=mask, is_causal=mask is None and qlen > 1, scale=self.scale,
-            )  # [H, q, V]
-            out[start : start + qlen] = o.transpose(0, 1)
-        return out

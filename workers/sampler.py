@@ -1,34 +1,113 @@
-"""Sampler: greedy, temperature, top-k and top-p, with a per-request generator for reproducible seeds."""
+"""Sampler: penalties, temperature, min-p, top-k, top-p, per-request seeds, and logprobs, batched over rows.
+
+Order, as in vLLM: penalties on the raw logits, then temperature, then min-p, top-k and top-p (top-p over what
+top-k left). Greedy rows take the argmax after penalties. Logprobs are those of the raw model output. A row with
+its own generator (a request with a seed) draws alone, so its tokens do not depend on the rest of the batch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from workers.sampling_params import SamplingParams
 
 
+class SampleRow(NamedTuple):
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: list[int]  # for the repetition penalty
+    output_ids: list[int]  # for all three penalties
+
+
+class TokenLogprobs(NamedTuple):
+    token_id: int
+    logprob: float
+    rank: int  # 1: the most likely token
+    top: tuple[tuple[int, float], ...]  # the params.logprobs most likely (token id, logprob)
+
+
+class SampleResult(NamedTuple):
+    token_id: int
+    logprobs: TokenLogprobs | None
+
+
 class Sampler:
-    def __call__(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-                 generators: Sequence[torch.Generator | None]) -> list[int]:
-        """logits [B, V] float32 -> one token id per row."""
-        out = logits.argmax(dim=-1)  # [B]
-        rows = [i for i, p in enumerate(params) if not p.greedy]
-        for i in rows:
-            out[i] = self._sample(logits[i], params[i], generators[i])
-        return out.tolist()
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampleResult]:
+        """logits [B, V] -> one token per row."""
+        raw = logits.float()  # [B, V]
+        logits = self._penalize(raw, rows) if any(r.params.has_penalties for r in rows) else raw
+        tokens = logits.argmax(dim=-1)  # [B]
+        drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if drawn:
+            tokens[drawn] = self._draw(logits[drawn], [rows[i] for i in drawn])
+        ids = tokens.tolist()
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        if want:
+            lp = raw[want].log_softmax(dim=-1)  # [W, V]
+            chosen = lp.gather(1, tokens[want, None])  # [W, 1]
+            ranks = (lp > chosen).sum(dim=-1) + 1  # [W]
+            k = max(rows[i].params.logprobs for i in want)
+            top_lp, top_ids = lp.topk(k, dim=-1)  # [W, k]
+            for j, i in enumerate(want):
+                n = rows[i].params.logprobs
+                top = tuple(zip(top_ids[j, :n].tolist(), top_lp[j, :n].tolist()))
+                logprobs[i] = TokenLogprobs(ids[i], chosen[j, 0].item(), int(ranks[j]), top)
+        return [SampleResult(t, lp) for t, lp in zip(ids, logprobs)]
 
     @staticmethod
-    def _sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-        logits = logits / p.temperature  # [V]
-        if p.top_k > 0:
-            kth = logits.topk(min(p.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = logits.sort(descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            drop = probs.cumsum(dim=-1) - probs > p.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[0]
+    def _penalize(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        logits = logits.clone()
+        V = logits.shape[-1]
+        for i, r in enumerate(rows):
+            p = r.params
+            if not p.has_penalties:
+                continue
+            counts = torch.bincount(torch.tensor(r.output_ids, dtype=torch.long), minlength=V)[:V]  # [V]
+            counts = counts.to(logits.device, logits.dtype)
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                seen = counts > 0
+                seen[torch.tensor(r.prompt_ids, dtype=torch.long, device=logits.device)] = True
+                penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
+                row = torch.where(seen, penalized, row)
+            logits[i] = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
+        return logits
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """logits [R, V] of non-greedy rows -> tokens [R]."""
+        dev = logits.device
+        temps = torch.tensor([r.params.temperature for r in rows], device=dev)
+        logits = logits / temps[:, None]  # [R, V]
+        if any(r.params.truncates for r in rows):
+            logits = _truncate(logits, rows)
+        probs = logits.softmax(dim=-1)  # [R, V]
+        out = torch.empty(len(rows), dtype=torch.long, device=dev)
+        seeded = [i for i, r in enumerate(rows) if r.generator is not None]
+        for i in seeded:
+            out[i] = torch.multinomial(probs[i], 1, generator=rows[i].generator)[0]
+        rest = [i for i, r in enumerate(rows) if r.generator is None]
+        if rest:
+            out[rest] = torch.multinomial(probs[rest], 1)[:, 0]
+        return out
+
+
+def _truncate(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Masks to -inf what min-p, top-k and top-p drop, in the sorted order of each row."""
+    R, V = logits.shape
+    dev = logits.device
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    rank = torch.arange(V, device=dev)[None, :]  # [1, V]
+    min_p = torch.tensor([r.params.min_p for r in rows], device=dev)[:, None]  # [R, 1]
+    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else V for r in rows], device=dev)[:, None]
+    top_p = torch.tensor([r.params.top_p for r in rows], device=dev)[:, None]
+    probs = sorted_logits.softmax(dim=-1)  # [R, V]
+    drop = (probs < min_p * probs[:, :1]) | (rank >= top_k)  # [R, V]
+    kept = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)  # [R, V]
+    drop |= kept.cumsum(dim=-1) - kept > top_p  # the smallest prefix that reaches top_p is kept
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

@@ -1,0 +1,64 @@
+"""tiled_attention: causal prefill attention over a long cached context, one tile of keys at a time.
+
+A chunk of Q new queries attends to its whole context (cached prefix plus itself). The context is visited in
+tiles with an online softmax, so the scores never take more than H x Q x tile elements: attention memory is
+O(chunk x tile), whatever the context length. A context that fits in one tile takes a single SDPA call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+SCORE_BUDGET = 1 << 24  # score elements per tile (64 MiB in float32)
+MIN_TILE = 256
+
+KVTile = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]  # (start, stop) -> k [C, KVH, Dk], v [C, KVH, Dv]
+
+
+def tiled_attention(q: torch.Tensor, kv_tile: KVTile, context_len: int, scale: float) -> torch.Tensor:
+    """q [Q, H, Dk], the last Q positions of a context of context_len; returns [Q, H, Dv]."""
+    Q, H, Dk = q.shape
+    offset = context_len - Q  # position of the first query
+    tile = max(MIN_TILE, SCORE_BUDGET // (H * Q))
+    if context_len <= tile:
+        k, v = kv_tile(0, context_len)
+        return _sdpa(q, k, v, offset, scale)
+    m = l = acc = None
+    rows = torch.arange(Q, device=q.device)[:, None] + offset  # [Q, 1] query positions
+    for start in range(0, context_len, tile):
+        stop = min(start + tile, context_len)
+        k, v = kv_tile(start, stop)  # [C, KVH, Dk], [C, KVH, Dv]
+        KVH = k.shape[1]
+        qg = q.permute(1, 0, 2).reshape(KVH, H // KVH, Q, Dk)  # [KVH, G, Q, Dk]; head h uses kv head h // G
+        s = torch.matmul(qg, k.permute(1, 2, 0)[:, None]).float() * scale  # [KVH, G, Q, C]
+        if stop - 1 > offset:  # some keys lie after some queries
+            cols = torch.arange(start, stop, device=q.device)[None, :]  # [1, C]
+            s = s.masked_fill(cols > rows, float("-inf"))
+        tile_max = s.amax(dim=-1, keepdim=True)  # [KVH, G, Q, 1]
+        m_new = tile_max if m is None else torch.maximum(m, tile_max)
+        p = torch.exp(s - m_new)  # [KVH, G, Q, C]
+        pv = torch.matmul(p.to(v.dtype), v.permute(1, 0, 2)[:, None]).float()  # [KVH, G, Q, Dv]
+        if m is None:
+            l, acc = p.sum(dim=-1, keepdim=True), pv
+        else:
+            corr = torch.exp(m - m_new)  # [KVH, G, Q, 1]
+            l, acc = l * corr + p.sum(dim=-1, keepdim=True), acc * corr + pv
+        m = m_new
+    out = (acc / l).to(q.dtype)  # [KVH, G, Q, Dv]
+    return out.reshape(H, Q, -1).permute(1, 0, 2)  # [Q, H, Dv]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
+    Q, C = q.shape[0], k.shape[0]
+    mask = None
+    if offset:
+        rows = torch.arange(Q, device=q.device)[:, None] + offset
+        mask = torch.arange(C, device=q.device)[None, :] <= rows  # [Q, C]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+        is_causal=mask is None and Q > 1, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+    )  # [H, Q, Dv]
+    return o.transpose(0, 1)
