@@ -58,6 +58,7 @@ def hf_greedy(model, prompt: list[int], n: int = 32) -> list[int]:
     from transformers import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    model.generation_config.eos_token_id = None  # else generate() takes the model's EOS and stops there
     ids = torch.tensor([prompt], device=DEVICE)
     # an explicit mask: otherwise generate() takes prompt tokens equal to pad_token_id for padding
     out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)

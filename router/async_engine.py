@@ -1,0 +1,130 @@
+"""AsyncEngine: the engine on its own thread, driven from asyncio code (the HTTP and gRPC front doors).
+
+`generate()` validates a request at once (a ValueError says what to fix), then streams its RequestOutputs, one per
+step in which it gained tokens, until it finishes. Leaving the stream early (a client that went away) aborts the
+request and frees its blocks. If a step fails, every request in flight gets the error on its stream; the engine
+thread goes on serving new requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+from router.engine_stats import EngineStats
+from router.llm_engine import LLMEngine
+from router.request_output import RequestOutput
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """A step failed while this request was in flight."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, prompt, params) | ("abort", id)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        self.engine.validate(prompt_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._send(("add", request_id, list(prompt_ids), params))
+        done = False
+        try:
+            while not done:
+                item = await stream.get()
+                if isinstance(item, Exception):
+                    done = True
+                    raise item
+                done = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not done:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """As of the last step."""
+        return self._stats
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _send(self, message: tuple) -> None:
+        self._inbox.put(message)
+        self._wake.set()
+
+    # --- the engine thread ---
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.clear()
+            self._take_messages()
+            if not self.engine.has_unfinished():
+                self._wake.wait()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - reported to every request in flight
+                log.exception("engine step failed")
+                self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
+                continue
+            for out in outputs:
+                self._emit(out.request_id, out)
+            self._stats = self.engine.stats()
+
+    def _take_messages(self) -> None:
+        while True:
+            try:
+                message = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if message[0] == "add":
+                _, request_id, prompt_ids, params = message
+                try:
+                    self.engine.add_request(prompt_ids, params, request_id)
+                except ValueError as e:
+                    self._emit(request_id, e)
+            else:
+                out = self.engine.abort(message[1])
+                if out is not None:
+                    self._emit(message[1], out)
+        self._stats = self.engine.stats()
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._emit(request_id, error)
+
+    def _emit(self, request_id: str, item) -> None:
+        target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, stream = target
+        try:
+            loop.call_soon_threadsafe(stream.put_nowait, item)
+        except RuntimeError:  # the client's event loop is gone
+            pass

@@ -1,0 +1,125 @@
+"""AsyncEngine: streams, early exits that abort, bad requests refused, failures reported, stats."""
+
+import asyncio
+
+import pytest
+
+from router.async_engine import AsyncEngine, EngineError
+from tests.fake_runner import fake_engine
+from tests.harness import GREEDY, engine, random_prompts
+from workers.sampling_params import SamplingParams
+
+
+async def collect(eng: AsyncEngine, prompt, params, request_id=None):
+    merged = None
+    async for out in eng.generate(prompt, params, request_id):
+        merged = out if merged is None else merged.merge(out)
+    return merged
+
+
+def test_concurrent_streams_equal_offline_generation(checkpoint_dir):
+    d = checkpoint_dir("v2_lite")
+    prompts = random_prompts([5, 30, 12, 60], seed=40)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in engine(d).generate(prompts, [params] * 4)]
+    texts = [o.outputs[0].text for o in engine(d).generate(prompts, [params] * 4)]
+    eng = AsyncEngine(engine(d))
+
+    async def main():
+        return await asyncio.gather(*(collect(eng, p, params) for p in prompts))
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert [o.outputs[0].token_ids for o in outs] == want
+    assert [o.outputs[0].text for o in outs] == texts
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+
+
+def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks():
+    core = fake_engine()
+    eng = AsyncEngine(core)
+
+    async def main():
+        agen = eng.generate([1, 2, 3], SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True), "long")
+        seen = 0
+        async for _ in agen:
+            seen += 1
+            if seen == 3:
+                break
+        await agen.aclose()
+        for _ in range(200):
+            if not core.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        short = await collect(eng, [4, 5], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        return seen, short
+
+    try:
+        seen, short = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert seen == 3 and len(short.outputs[0].token_ids) == 3
+    assert not core.has_unfinished() and core.scheduler.blocks.usage == 0.0
+    assert eng.stats().running == 0
+
+
+def test_abort_ends_the_stream_with_abort():
+    eng = AsyncEngine(fake_engine())
+
+    async def main():
+        agen = eng.generate([1, 2, 3], SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True), "r1")
+        first = await agen.__anext__()
+        eng.abort("r1")
+        rest = [out async for out in agen]
+        return first, rest
+
+    try:
+        first, rest = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert not first.finished and rest[-1].finished and rest[-1].outputs[-1].finish_reason == "abort"
+
+
+def test_bad_request_is_refused_before_it_is_queued():
+    core = fake_engine()
+    eng = AsyncEngine(core)
+
+    async def main():
+        with pytest.raises(ValueError, match="the prompt is empty"):
+            await collect(eng, [], GREEDY)
+        with pytest.raises(ValueError, match="at most"):
+            await collect(eng, [1] * 5000, GREEDY)
+        return await collect(eng, [1, 2], SamplingParams(max_tokens=2, temperature=0))
+
+    try:
+        ok = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert len(ok.outputs[0].token_ids) == 2  # the engine kept serving
+
+
+def test_a_failing_step_errors_its_requests_and_the_engine_goes_on():
+    core = fake_engine()
+    real_step, calls = core.runner.step, []
+
+    def flaky(chunks):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real_step(chunks)
+
+    core.runner.step = flaky
+    eng = AsyncEngine(core)
+
+    async def main():
+        with pytest.raises(EngineError, match="device lost"):
+            await collect(eng, [1, 2, 3], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        return await collect(eng, [1, 2, 3], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+
+    try:
+        after = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert len(after.outputs[0].token_ids) == 5 and core.scheduler.blocks.usage == 0.0

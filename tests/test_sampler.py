@@ -1,0 +1,68 @@
+"""Sampler: what each knob keeps, penalties' arithmetic, and seeds that do not depend on the batch."""
+
+import pytest
+import torch
+
+from workers.sampler import SampleRow, Sampler
+from workers.sampling_params import SamplingParams
+
+LOGITS = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])  # probabilities ~ .64 .23 .09 .03 .01 .004
+
+
+def support(params: SamplingParams, draws: int = 400) -> set[int]:
+    gen = torch.Generator().manual_seed(0)
+    row = SampleRow(params, gen, [], [])
+    return {Sampler()(LOGITS, [row])[0].token_id for _ in range(draws)}
+
+
+@pytest.mark.parametrize("knobs, kept", [
+    (dict(temperature=5.0), {0, 1, 2, 3, 4, 5}),  # flattened: every token comes up
+    (dict(temperature=5.0, top_k=2), {0, 1}),
+    (dict(temperature=1.0, top_p=0.8), {0, 1}),  # .64 < .8 <= .64 + .23
+    (dict(temperature=1.0, min_p=0.1), {0, 1, 2}),  # at least .1 x .64
+    (dict(temperature=1.0, top_k=3, top_p=0.7), {0, 1}),  # top-p over the renormalized top 3: .66, .24, .10
+    (dict(temperature=0.0, top_k=3), {0}),
+])
+def test_truncation_keeps_what_it_should(knobs, kept):
+    assert support(SamplingParams(**knobs)) == kept
+
+
+def test_penalties_arithmetic():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    p = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
+    row = SampleRow(p, None, prompt_ids=[1], output_ids=[0, 0, 3])
+    got = Sampler._penalize(logits, [row])[0]
+    # token 0: 2/2 - .25*2 - .5 = 0; token 1 (prompt only): -2*2 = -4; token 2 untouched; token 3: .5/2 - .25 - .5
+    assert got.tolist() == pytest.approx([0.0, -4.0, 1.0, -0.5])
+    assert Sampler()(logits, [row])[0].token_id == 2
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 50)
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=1)
+    alone = Sampler()(logits[2:3], [SampleRow(p, torch.Generator().manual_seed(9), [], [])])[0]
+    rows = [SampleRow(SamplingParams(temperature=0.7), None, [], []) for _ in range(5)]
+    rows[2] = SampleRow(p, torch.Generator().manual_seed(9), [], [])
+    assert Sampler()(logits, rows)[2] == alone
+
+
+def test_logprobs_rank_and_top():
+    rows = [SampleRow(SamplingParams(temperature=0, logprobs=2), None, [], []),
+            SampleRow(SamplingParams(temperature=0), None, [], [])]
+    out = Sampler()(LOGITS.repeat(2, 1), rows)
+    lp = LOGITS[0].log_softmax(-1)
+    assert out[1].logprobs is None
+    first = out[0].logprobs
+    assert first.token_id == 0 and first.rank == 1 and first.logprob == pytest.approx(lp[0].item())
+    assert [t for t, _ in first.top] == [0, 1] and first.top[1][1] == pytest.approx(lp[1].item())
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(n=0), "n must be >= 1"), (dict(top_p=0), "top_p must be in"), (dict(min_p=1.5), "min_p must be in"),
+    (dict(repetition_penalty=0), "repetition_penalty must be > 0"), (dict(logprobs=21), "logprobs must be in"),
+    (dict(presence_penalty=3), "presence_penalty must be in"), (dict(stop=("",)), "stop strings must not be empty"),
+])
+def test_bad_params_say_what_is_wrong(bad, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**bad)
