@@ -65,7 +65,8 @@ def cmd_generate(args) -> int:
                     requests.append(parse_request(line, f"{args.input}:{n}", defaults))
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_gib=args.kv_cache_gib)
+                          kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
+                          enable_prefix_caching=not args.no_prefix_caching)
     t0 = time.perf_counter()
     engine = LLMEngine.from_config(config)
     t_load = time.perf_counter() - t0
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on CPU")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full")
     g.set_defaults(func=cmd_generate)
     t = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint (for demos and tests)")
     t.add_argument("dir")

@@ -105,3 +105,13 @@ def test_repetition_penalty_matches_transformers(checkpoint_dir):
     want = ref.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)[0, len(prompt):].tolist()
     assert ours == want
     assert ours != generate_tokens(engine(d), [prompt])[0][:24]  # the penalty did change something
+
+
+@pytest.mark.slow
+def test_32k_prompt_completes(checkpoint_dir):
+    """Past the tiny model's 8192 positions on purpose: what is tested is the engine's memory, not the model."""
+    d = checkpoint_dir("v2_lite")
+    eng = engine(d, max_model_len=32768 + 16, kv_cache_gib=0.02, max_num_seqs=1)
+    (prompt,) = random_prompts([32768], seed=41)
+    (out,) = eng.generate([prompt], [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)])
+    assert len(out.outputs[0].token_ids) == 16 and eng.scheduler.blocks.usage == 0.0

@@ -50,10 +50,11 @@ def test_llama_long_prompt_linear_scaling(checkpoint_dir):
 
 
 @pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
-def test_6k_prompt(checkpoint_dir, kind):
+def test_8k_prompt(checkpoint_dir, kind):
+    """Chunked prefill (4 chunks of 2048) over a growing cached prefix, then decode to the model's 8192 tokens."""
     d = checkpoint_dir(kind)
     eng, ref = engine(d, max_num_batched_tokens=2048, kv_cache_gib=0.2), hf_model(d)
-    (prompt,) = random_prompts([6000], seed=4)
+    (prompt,) = random_prompts([8192 - 32], seed=4)
     (out,) = generate_tokens(eng, [prompt])
     assert out == hf_greedy(ref, prompt)
 
