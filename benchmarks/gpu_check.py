@@ -36,7 +36,7 @@ def part_ours(prompt_len: int, new_tokens: int, batch: int) -> dict:
                                              max_num_seqs=max(batch, 1), max_model_len=8192,
                                              enable_prefix_caching=False))  # the warm-up's prompts are the same
     load_s = time.perf_counter() - t0
-    experts = eng.runner.model.model.layers[1].mlp.experts
+    experts = eng.executor.runner.model.model.layers[1].mlp.experts
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 100000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -57,7 +57,7 @@ def part_ours(prompt_len: int, new_tokens: int, batch: int) -> dict:
     return {"impl": "ours", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "load_s": load_s,
             "prefill_s": t1 - t0, "decode_steps": steps, "decode_s": t2 - t1,
             "decode_tok_s": (out_tokens - batch) / (t2 - t1), "grouped_mm": experts.grouped_mm is torch_grouped_mm,
-            "kv_blocks": eng.runner.kv_cache.num_blocks, "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            "kv_blocks": eng.executor.runner.kv_cache.num_blocks, "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
 def part_hf(prompt_len: int, new_tokens: int, batch: int) -> dict:

@@ -13,6 +13,7 @@ from cluster.tiny_checkpoint import SHAPES
 from router.engine_config import EngineConfig
 from workers.checkpoint import CheckpointError
 from workers.config import ConfigError
+from workers.multiproc_executor import WorkerError
 from workers.sampling_params import SamplingParams
 
 REQUEST_FIELDS = {"prompt", "prompt_token_ids"} | {f.name for f in dataclasses.fields(SamplingParams)}
@@ -66,10 +67,19 @@ def cmd_generate(args) -> int:
     config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
-                          enable_prefix_caching=not args.no_prefix_caching)
+                          enable_prefix_caching=not args.no_prefix_caching,
+                          attention_workers=args.attention_workers, expert_workers=args.expert_workers,
+                          expert_placement=args.expert_placement, micro_batches=args.micro_batches)
     t0 = time.perf_counter()
     engine = LLMEngine.from_config(config)
     t_load = time.perf_counter() - t0
+    try:
+        return run_batch(args, engine, requests, t_load)
+    finally:
+        engine.shutdown()
+
+
+def run_batch(args, engine, requests: list, t_load: float) -> int:
     prompts = []
     for i, (prompt, _) in enumerate(requests):
         if isinstance(prompt, str):
@@ -117,6 +127,14 @@ def cmd_tiny_checkpoint(args) -> int:
     return 0
 
 
+def placement_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("give one expert worker index per routed expert, comma-separated, "
+                                         "e.g. 0,0,1,1") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-serve", description="Serve DeepSeek-V2 and DeepSeek-Coder models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on CPU")
     g.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full")
+    g.add_argument("--attention-workers", type=int, default=1, metavar="A",
+                   help="data-parallel attention worker processes, each with its own KV cache")
+    g.add_argument("--expert-workers", type=int, default=0, metavar="E",
+                   help="processes holding the routed experts, joined to the attention workers by all-to-all "
+                        "(0: experts live with attention)")
+    g.add_argument("--expert-placement", type=placement_list, default=None, metavar="W,W,...",
+                   help="the expert worker of each routed expert, in expert order (default: contiguous ranges)")
+    g.add_argument("--micro-batches", type=int, default=2,
+                   help="micro-batches per step, ping-ponged against the expert workers")
     g.set_defaults(func=cmd_generate)
     t = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint (for demos and tests)")
     t.add_argument("dir")
@@ -154,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--output needs --input")
     try:
         return args.func(args)
-    except (InputError, ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+    except (InputError, ConfigError, CheckpointError, WorkerError, ValueError, FileNotFoundError) as e:
         print(f"moe-serve: error: {e}", file=sys.stderr)
         return 2
 

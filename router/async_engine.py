@@ -72,6 +72,7 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.engine.shutdown()
 
     def _send(self, message: tuple) -> None:
         self._inbox.put(message)

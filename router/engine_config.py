@@ -19,6 +19,25 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_gib: float = 1.0  # CPU cache budget
     gpu_memory_utilization: float = 0.85  # fraction of free GPU memory for the cache after loading
+    attention_workers: int = 1  # data-parallel attention ranks, each with its own sequences and cache
+    expert_workers: int = 0  # processes holding the routed experts; 0: experts live with attention (colocated)
+    expert_placement: tuple[int, ...] | None = None  # expert id -> expert worker; default: contiguous ranges
+    micro_batches: int = 2  # per step and attention rank, ping-ponged against the experts (with expert workers)
+    worker_threads: int | None = None  # torch threads per worker process; default: the CPUs shared out
+
+    def __post_init__(self):
+        if self.attention_workers < 1:
+            raise ValueError(f"attention_workers must be at least 1, not {self.attention_workers}")
+        if self.expert_workers < 0:
+            raise ValueError(f"expert_workers must be 0 (colocated) or more, not {self.expert_workers}")
+        if self.micro_batches < 1:
+            raise ValueError(f"micro_batches must be at least 1, not {self.micro_batches}")
+        if self.expert_placement is not None and not self.expert_workers:
+            raise ValueError("an expert placement needs expert workers (--expert-workers)")
+
+    @property
+    def multiprocess(self) -> bool:
+        return self.attention_workers > 1 or self.expert_workers > 0
 
     def model_len(self, max_position_embeddings: int) -> int:
         return self.max_model_len or max_position_embeddings

@@ -6,8 +6,6 @@ import itertools
 import logging
 from pathlib import Path
 
-import torch
-
 from router.detokenizer import IncrementalDetokenizer
 from router.engine_config import EngineConfig
 from router.engine_stats import EngineStats
@@ -15,13 +13,9 @@ from router.request_output import CompletionOutput, RequestOutput
 from router.scheduler import Scheduled, Scheduler
 from router.sequence import Sequence
 from workers.block_manager import BlockManager
-from workers.causal_lm import CausalLM
-from workers.checkpoint import Checkpoint
-from workers.config import ModelConfig, resolve_dtype
-from workers.grouped_mm import select_grouped_mm
-from workers.kv_cache import KVCache, bytes_per_token
-from workers.loader import build_model
-from workers.model_runner import ModelRunner, SeqChunk
+from workers.config import ModelConfig
+from workers.executor import Executor, LocalExecutor
+from workers.model_runner import SeqChunk, StepPlan, build_runner
 from workers.sampler import SampleResult, SampleRow
 from workers.sampling_params import SamplingParams
 
@@ -29,15 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, runner: ModelRunner, tokenizer=None):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, executor: Executor, tokenizer=None):
         self.config = config
         self.model_config = model_config
-        self.runner = runner
+        self.executor = executor
         self.tokenizer = tokenizer
-        cache = runner.kv_cache
-        self.max_model_len = fit_model_len(config, model_config, cache.num_slots)
-        self.scheduler = Scheduler(config, BlockManager(cache.num_blocks, cache.block_size,
-                                                        config.enable_prefix_caching))
+        bs = executor.block_size
+        self.max_model_len = fit_model_len(config, model_config, min(executor.num_blocks) * bs)
+        self.schedulers = [Scheduler(config, BlockManager(n, bs, config.enable_prefix_caching))
+                           for n in executor.num_blocks]  # one per attention rank
+        self.released: list[list[int]] = [[] for _ in self.schedulers]  # finished seq ids, per rank
         self.eos_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -50,22 +45,22 @@ class LLMEngine:
             raise ValueError("no model directory given (--model DIR)")
         model_dir = Path(config.model)
         model_config = ModelConfig.from_pretrained(model_dir)
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
-                              else config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        checkpoint = None if config.random_weights else Checkpoint(model_dir)
-        model = build_model(CausalLM, model_config, device, dtype, checkpoint, seed=config.seed,
-                            grouped_mm=select_grouped_mm(device, dtype))
-        max_len = config.model_len(model_config.max_position_embeddings)
-        if device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
+        if config.multiprocess:
+            from workers.multiproc_executor import MultiprocExecutor
+
+            executor = MultiprocExecutor(config, model_config)
         else:
-            budget = int(config.kv_cache_gib * 2**30)
-        kv_cache = KVCache.from_budget(model_config, budget, config.block_size, dtype, device,
-                                       max_blocks=config.max_num_seqs * -(-max_len // config.block_size) + 1)
-        log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", kv_cache.num_blocks, config.block_size,
-                 kv_cache.num_blocks * bytes_per_token(model_config, dtype) * config.block_size / 2**30)
-        return cls(config, model_config, ModelRunner(model, kv_cache, device), load_tokenizer(model_dir))
+            executor = LocalExecutor(build_runner(config, model_config))
+        return cls(config, model_config, executor, load_tokenizer(model_dir))
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler, when there is one attention rank."""
+        (only,) = self.schedulers
+        return only
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
 
     # --- requests ---
 
@@ -90,16 +85,31 @@ class LLMEngine:
         prompt_ids = list(prompt_ids)
         seqs = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         seqs[0].forks = seqs[1:]  # they branch off when the prompt is done, sharing its blocks
+        rank = self._pick_rank(prompt_ids)
+        for seq in seqs:
+            seq.rank = rank
         self.requests[request_id] = seqs
-        self.scheduler.add(seqs[0])
+        self.schedulers[rank].add(seqs[0])
         return request_id
 
+    def _pick_rank(self, prompt_ids: list[int]) -> int:
+        """The attention rank with the least work once this prompt is on it: what it has left to compute, plus
+        the prompt less what that rank's prefix cache already holds of it."""
+        if len(self.schedulers) == 1:
+            return 0
+        probe = Sequence(-1, "", 0, prompt_ids, SamplingParams())
+
+        def cost(rank: int) -> tuple[int, int]:
+            sched = self.schedulers[rank]
+            outstanding = sum(q.num_to_compute for q in (*sched.running, *sched.waiting))
+            hit = len(sched.blocks.match_prefix(probe)) * sched.blocks.block_size
+            return outstanding + len(prompt_ids) - hit, rank
+
+        return min(range(len(self.schedulers)), key=cost)
+
     def _new_sequence(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams) -> Sequence:
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + index)
         detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
-        return Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, gen, detokenizer=detok)
+        return Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, detokenizer=detok)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its blocks; its last output (finish_reason "abort"), or None if unknown."""
@@ -110,7 +120,7 @@ class LLMEngine:
         for seq in seqs:
             if not seq.finished:
                 seq.finish_reason = "abort"
-                self.scheduler.finish(seq)
+                self._finish(seq)
                 outputs.append(CompletionOutput(seq.index, "", [], None, "abort"))
         return RequestOutput(request_id, seqs[0].prompt_ids, outputs, True, 0)
 
@@ -118,38 +128,46 @@ class LLMEngine:
         return bool(self.requests)
 
     def stats(self) -> EngineStats:
-        blocks = self.scheduler.blocks
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), blocks.usage,
-                           blocks.prefix_hit_rate, self.scheduler.num_preemptions, blocks.num_blocks,
-                           blocks.block_size)
+        """Summed over the attention ranks (usage and hit rate over all their blocks and queries)."""
+        scheds = self.schedulers
+        managers = [s.blocks for s in scheds]
+        num_blocks = sum(b.num_blocks for b in managers)
+        queries = sum(b.prefix_queries for b in managers)
+        return EngineStats(sum(len(s.running) for s in scheds), sum(len(s.waiting) for s in scheds),
+                           sum(b.usage * b.num_blocks for b in managers) / num_blocks,
+                           sum(b.prefix_hits for b in managers) / queries if queries else 0.0,
+                           sum(s.num_preemptions for s in scheds), num_blocks, self.executor.block_size)
 
     # --- the hot path ---
 
     def step(self) -> list[RequestOutput]:
         """One forward pass: schedule -> run -> postprocess. Returns what each request gained."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        scheduled = [sched.schedule() for sched in self.schedulers]  # per attention rank
+        if not any(scheduled):
             return []
-        results = self.runner.step([self._chunk(s) for s in scheduled])
-        return self._postprocess(scheduled, results)
+        plans = [StepPlan([self._chunk(s) for s in batch], tuple(self.released[rank]))
+                 for rank, batch in enumerate(scheduled)]
+        for released in self.released:
+            released.clear()
+        results = self.executor.execute(plans)
+        return self._postprocess([s for batch in scheduled for s in batch], [r for rank in results for r in rank])
 
     @staticmethod
     def _chunk(s: Scheduled) -> SeqChunk:
         seq = s.seq
         samples = ()
         if s.sample:
-            samples = tuple(SampleRow(q.params, q.generator, q.prompt_ids, q.output_ids) for q in [seq, *seq.forks])
+            samples = tuple(sample_row(q) for q in [seq, *seq.forks])
         return SeqChunk(seq.token_slice(seq.num_cached, seq.num_cached + s.num_new), seq.num_cached,
                         seq.block_table, samples)
 
     def _postprocess(self, scheduled: list[Scheduled], results: list[SampleResult]) -> list[RequestOutput]:
         moved: dict[str, list[CompletionOutput]] = {}
         results_iter = iter(results)
-        blocks = self.scheduler.blocks
         for s in scheduled:
             seq = s.seq
             seq.num_cached += s.num_new
-            blocks.commit(seq)
+            self.schedulers[seq.rank].blocks.commit(seq)
             if not s.sample:
                 continue
             for sample in [seq, *self._fork(seq)]:
@@ -166,14 +184,15 @@ class LLMEngine:
     def _fork(self, seq: Sequence) -> list[Sequence]:
         """seq's other samples, branching off now that its prompt is computed: they share its full blocks."""
         forks, seq.forks = seq.forks, []
-        blocks = self.scheduler.blocks
+        scheduler = self.schedulers[seq.rank]
+        blocks = scheduler.blocks
         shared = seq.num_cached // blocks.block_size
         for child in forks:
             child.block_table = blocks.fork(seq.block_table, shared)
             child.block_hashes = seq.block_hashes[:shared]
             child.num_cached = shared * blocks.block_size
             child.num_prompt_hit = seq.num_prompt_hit
-            self.scheduler.add_running(child)
+            scheduler.add_running(child)
         return forks
 
     def _append(self, seq: Sequence, result: SampleResult) -> CompletionOutput:
@@ -192,10 +211,15 @@ class LLMEngine:
                                             seq.num_tokens >= self.max_model_len):
             seq.finish_reason = "length"
         if seq.finished:
-            self.scheduler.finish(seq)
+            self._finish(seq)
         text = seq.detokenizer.delta(seq.finished) if seq.detokenizer is not None else ""
         logprobs = None if result.logprobs is None else [result.logprobs]
         return CompletionOutput(seq.index, text, [token], logprobs, seq.finish_reason)
+
+    def _finish(self, seq: Sequence) -> None:
+        self.schedulers[seq.rank].finish(seq)
+        if seq.params.seed is not None:
+            self.released[seq.rank].append(seq.seq_id)  # its generator, on the rank's sampler
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         """Runs a whole batch to completion; one merged output per prompt, in input order."""
@@ -205,6 +229,13 @@ class LLMEngine:
             for out in self.step():
                 merged[out.request_id] = merged[out.request_id].merge(out) if out.request_id in merged else out
         return [merged[i] for i in ids]
+
+
+def sample_row(seq: Sequence) -> SampleRow:
+    """What the sampler needs of a sequence; its token history only when a penalty reads it."""
+    history = (seq.prompt_ids, seq.output_ids) if seq.params.has_penalties else ((), ())
+    seed = None if seq.params.seed is None else seq.params.seed + seq.index
+    return SampleRow(seq.params, seq.seq_id, seed, *history)
 
 
 def fit_model_len(config: EngineConfig, model_config: ModelConfig, cache_slots: int) -> int:

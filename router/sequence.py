@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from workers.sampling_params import SamplingParams
 
 
@@ -17,7 +15,7 @@ class Sequence:
     index: int  # which of the request's n samples
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None = None
+    rank: int = 0  # the attention rank that holds its cache
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks computed so far

@@ -31,13 +31,13 @@ def generate_tokens(eng: LLMEngine, prompts: list[list[int]], params=GREEDY) -> 
 
 def prefill_logits(eng: LLMEngine, prompts: list[list[int]]) -> list[torch.Tensor]:
     """All-position logits of a batch of prompts in one forward pass, cached into fresh blocks."""
-    bm = BlockManager(eng.runner.kv_cache.num_blocks, eng.runner.kv_cache.block_size)
+    bm = BlockManager(eng.executor.runner.kv_cache.num_blocks, eng.executor.runner.kv_cache.block_size)
     chunks = []
     for p in prompts:
         table: list[int] = []
         bm.grow(table, len(p))
-        chunks.append(SeqChunk(p, 0, table, (SampleRow(GREEDY, None, p, []),)))
-    logits = eng.runner.forward_logits(chunks, all_positions=True)
+        chunks.append(SeqChunk(p, 0, table, (SampleRow(GREEDY, 0, None, p, []),)))
+    logits = eng.executor.runner.forward_logits(chunks, all_positions=True)
     return list(logits.split([len(p) for p in prompts])), chunks
 
 

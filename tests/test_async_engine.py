@@ -102,15 +102,15 @@ def test_bad_request_is_refused_before_it_is_queued():
 
 def test_a_failing_step_errors_its_requests_and_the_engine_goes_on():
     core = fake_engine()
-    real_step, calls = core.runner.step, []
+    real_step, calls = core.executor.execute, []
 
-    def flaky(chunks):
+    def flaky(plans):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("device lost")
-        return real_step(chunks)
+        return real_step(plans)
 
-    core.runner.step = flaky
+    core.executor.execute = flaky
     eng = AsyncEngine(core)
 
     async def main():

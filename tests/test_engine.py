@@ -40,7 +40,7 @@ def test_batched_equals_alone_with_chunking_and_preemption(checkpoint_dir):
     # 24 blocks of 16 tokens cannot hold all six sequences at full length: decode must preempt
     block_bytes = bytes_per_token(ModelConfig.from_pretrained(d), torch.float32) * 16
     tight = engine(d, kv_cache_gib=24 * block_bytes / 2**30, max_num_batched_tokens=40)
-    assert tight.runner.kv_cache.num_blocks == 24
+    assert tight.executor.runner.kv_cache.num_blocks == 24
     batched = generate_tokens(tight, prompts)
     assert tight.scheduler.num_preemptions > 0
     assert batched == alone

@@ -66,11 +66,11 @@ def test_absorbed_decode_equals_naive(checkpoint_dir):
     _, chunks = prefill_logits(eng, prompts)
     # one decode step for each sequence: its next token at the next position
     decode = [c._replace(token_ids=[11 + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
-    attn = [layer.self_attn for layer in eng.runner.model.model.layers]
-    absorbed = eng.runner.forward_logits(decode)
+    attn = [layer.self_attn for layer in eng.executor.runner.model.model.layers]
+    absorbed = eng.executor.runner.forward_logits(decode)
     for a in attn:
         a.absorb_decode = False
-    naive = eng.runner.forward_logits(decode)
+    naive = eng.executor.runner.forward_logits(decode)
     assert absorbed.shape == (3, 512)
     torch.testing.assert_close(absorbed, naive, rtol=1e-5, atol=1e-5)
     # and both equal transformers on the prompt extended by that token

@@ -6,13 +6,14 @@ import torch
 from workers.sampler import SampleRow, Sampler
 from workers.sampling_params import SamplingParams
 
+CPU = torch.device("cpu")
 LOGITS = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])  # probabilities ~ .64 .23 .09 .03 .01 .004
 
 
 def support(params: SamplingParams, draws: int = 400) -> set[int]:
-    gen = torch.Generator().manual_seed(0)
-    row = SampleRow(params, gen, [], [])
-    return {Sampler()(LOGITS, [row])[0].token_id for _ in range(draws)}
+    row = SampleRow(params, 0, 0, [], [])
+    sampler = Sampler(torch.device("cpu"))
+    return {sampler(LOGITS, [row])[0].token_id for _ in range(draws)}
 
 
 @pytest.mark.parametrize("knobs, kept", [
@@ -30,27 +31,27 @@ def test_truncation_keeps_what_it_should(knobs, kept):
 def test_penalties_arithmetic():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     p = SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25)
-    row = SampleRow(p, None, prompt_ids=[1], output_ids=[0, 0, 3])
+    row = SampleRow(p, 0, None, prompt_ids=[1], output_ids=[0, 0, 3])
     got = Sampler._penalize(logits, [row])[0]
     # token 0: 2/2 - .25*2 - .5 = 0; token 1 (prompt only): -2*2 = -4; token 2 untouched; token 3: .5/2 - .25 - .5
     assert got.tolist() == pytest.approx([0.0, -4.0, 1.0, -0.5])
-    assert Sampler()(logits, [row])[0].token_id == 2
+    assert Sampler(CPU)(logits, [row])[0].token_id == 2
 
 
 def test_seeded_rows_do_not_depend_on_the_batch():
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=1)
-    alone = Sampler()(logits[2:3], [SampleRow(p, torch.Generator().manual_seed(9), [], [])])[0]
-    rows = [SampleRow(SamplingParams(temperature=0.7), None, [], []) for _ in range(5)]
-    rows[2] = SampleRow(p, torch.Generator().manual_seed(9), [], [])
-    assert Sampler()(logits, rows)[2] == alone
+    alone = Sampler(CPU)(logits[2:3], [SampleRow(p, 2, 9, [], [])])[0]
+    rows = [SampleRow(SamplingParams(temperature=0.7), 0, None, [], []) for _ in range(5)]
+    rows[2] = SampleRow(p, 2, 9, [], [])
+    assert Sampler(CPU)(logits, rows)[2] == alone
 
 
 def test_logprobs_rank_and_top():
-    rows = [SampleRow(SamplingParams(temperature=0, logprobs=2), None, [], []),
-            SampleRow(SamplingParams(temperature=0), None, [], [])]
-    out = Sampler()(LOGITS.repeat(2, 1), rows)
+    rows = [SampleRow(SamplingParams(temperature=0, logprobs=2), 0, None, [], []),
+            SampleRow(SamplingParams(temperature=0), 1, None, [], [])]
+    out = Sampler(CPU)(LOGITS.repeat(2, 1), rows)
     lp = LOGITS[0].log_softmax(-1)
     assert out[1].logprobs is None
     first = out[0].logprobs

@@ -27,7 +27,7 @@ def prompts_of(lengths, seed=0):
 def test_token_budget_and_seq_limit_hold_and_steps_mix_prefill_with_decode():
     eng = fake_engine(max_num_batched_tokens=24, max_num_seqs=3)
     outs = run(eng, prompts_of([5, 40, 9, 17, 3]))
-    steps = eng.runner.steps
+    steps = eng.executor.steps
     assert all(sum(len(c.token_ids) for c in s) <= 24 for s in steps)
     assert all(len(s) <= 3 for s in steps)
     assert any(any(len(c.token_ids) == 1 for c in s) and any(len(c.token_ids) > 1 for c in s) for s in steps)
@@ -47,7 +47,7 @@ def test_long_prompt_is_chunked_and_does_not_stall_decodes():
     chunk_sizes = []
     while eng.scheduler.waiting or any(s.num_to_compute > 1 for s in eng.scheduler.running):
         eng.step()
-        step = eng.runner.steps[-1]
+        step = eng.executor.steps[-1]
         chunk_sizes += [len(c.token_ids) for c in step if len(c.token_ids) > 1]
         if eng.requests.get("0"):
             assert any(len(c.token_ids) == 1 for c in step), "the short request's decode waited for the prefill"
@@ -83,10 +83,10 @@ def test_prefix_hits_are_counted_and_reused():
     a, b = system + [500, 501, 502], system + [600, 601]
     (out_a,) = run(eng, [a])
     assert out_a.num_cached_tokens == 0
-    computed = len(eng.runner.steps)
+    computed = len(eng.executor.steps)
     (out_b,) = run(eng, [b])
     assert out_b.num_cached_tokens == 16
-    first_b = eng.runner.steps[computed][0]
+    first_b = eng.executor.steps[computed][0]
     assert first_b.start == 16 and first_b.token_ids == b[16:]  # only the uncached tail ran
     blocks = eng.scheduler.blocks
     assert blocks.prefix_queries == len(a) + len(b) and blocks.prefix_hits == 16
@@ -146,7 +146,7 @@ def test_n_samples_share_the_prompt_blocks():
     (out,) = run(eng, [prompt], params)
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert len({tuple(o.token_ids) for o in out.outputs}) == 3
-    prompt_tokens_run = sum(len(c.token_ids) for s in eng.runner.steps for c in s if c.start < len(prompt))
+    prompt_tokens_run = sum(len(c.token_ids) for s in eng.executor.steps for c in s if c.start < len(prompt))
     # the prompt ran once; each fork recomputed only the partial last block's 2 tokens (+ its first output token)
     assert prompt_tokens_run == 22 + 2 * (2 + 1)
     # seeded: sample i is the same as a single seeded request with seed + i
@@ -196,3 +196,23 @@ def test_max_model_len_fits_the_cache():
     assert fake_engine(num_blocks=10).max_model_len == 40
     with pytest.raises(ValueError, match="does not fit in the KV cache"):
         fake_engine(num_blocks=10, max_model_len=100)
+
+
+def test_data_parallel_ranks_share_the_work_and_keep_each_prefix_on_its_rank():
+    prompts = prompts_of([5, 40, 9, 17, 3, 22, 30, 11])
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=5, n=2, ignore_eos=True)
+    alone = fake_engine(max_num_batched_tokens=24)
+    two = fake_engine(max_num_batched_tokens=24, num_ranks=2)
+    for params in (P, seeded):  # each rank's cache read back gives the single-rank tokens, seeds included
+        assert [[c.token_ids for c in o.outputs] for o in run(two, prompts, params)] == \
+               [[c.token_ids for c in o.outputs] for o in run(alone, prompts, params)]
+    per_rank = [sum(len(c.token_ids) for step in two.executor.rank_steps for c in step[r]) for r in (0, 1)]
+    assert min(per_rank) > 0.3 * sum(per_rank)  # shared out by outstanding work
+    assert two.stats().kv_usage == 0.0 and two.stats().num_blocks == 128
+
+    shared = [7] * 32  # a common prefix, cached on rank 1 only
+    two.add_request(prompts_of([60])[0], P)  # keeps rank 0 busy while the prefix is first computed
+    two.generate([shared + [1]], [P])
+    hits = [s.blocks.prefix_hits for s in two.schedulers]
+    two.generate([shared + [2]], [P])  # both ranks idle now: the prefix decides
+    assert [s.blocks.prefix_hits - h for s, h in zip(two.schedulers, hits)] == [0, 32]

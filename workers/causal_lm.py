@@ -7,7 +7,7 @@ generic loader maps names with the small table in `weight_target`.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,23 @@ from workers.rotary_embedding import RotaryEmbedding
 EXPERT_NAME = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
 FUSED = {"llama": ((".q_proj.", ".qkv_proj.", "q"), (".k_proj.", ".qkv_proj.", "k"), (".v_proj.", ".qkv_proj.", "v"))}
 FUSED_MLP = ((".gate_proj.", ".gate_up_proj.", "gate"), (".up_proj.", ".gate_up_proj.", "up"))
+
+
+def run_interleaved(stages: list[Generator]) -> list:
+    """Drives micro-batches' forward passes in turn, one MoE layer at a time (ping-pong): while one micro-batch's
+    tokens are at the experts, the next one computes. Returns each generator's result."""
+    results: list = [None] * len(stages)
+    live = list(enumerate(stages))
+    while live:
+        still = []
+        for i, gen in live:
+            try:
+                next(gen)
+                still.append((i, gen))
+            except StopIteration as done:
+                results[i] = done.value
+        live = still
+    return results
 
 
 def weight_target(architecture: str, name: str) -> tuple[str, object]:
@@ -69,7 +86,7 @@ class CausalLM(nn.Module):
             else:
                 attn = LlamaAttention(config, self.rotary)
             if config.is_moe_layer(i):
-                mlp = MoE(config, Experts(config, expert_ids, grouped_mm), dispatcher)
+                mlp = MoE(config, Experts(config, expert_ids, grouped_mm), dispatcher.for_layer(i))
             else:
                 mlp = MLP(config.hidden_size, config.intermediate_size, config.mlp_bias)
             layers.append(DecoderLayer(config.hidden_size, config.rms_norm_eps, attn, mlp))
@@ -84,11 +101,25 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
                 meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions [T] -> final hidden states [T, D]."""
+        return run_interleaved([self.stages(input_ids, positions, kv_cache, meta)])[0]
+
+    def stages(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache,
+               meta: AttentionMetadata) -> Generator[None, None, torch.Tensor]:
+        """The forward pass as a generator that yields while each MoE layer's tokens are at the experts."""
         x = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary.cos_sin(positions)  # [T, R/2] each
         for layer, cache in zip(self.model.layers, kv_cache.layers):
-            x = layer(x, cos, sin, cache, meta)
+            x = yield from layer.stages(x, cos, sin, cache, meta)
         return self.model.norm(x)
+
+    def idle_stages(self, device: torch.device, dtype: torch.dtype) -> Generator[None, None, None]:
+        """A micro-batch without tokens: it takes part in every MoE layer's all-to-all, with nothing to send."""
+        empty = torch.empty(0, self.config.hidden_size, device=device, dtype=dtype)  # [0, D]
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoE):
+                pending = layer.mlp.start(empty)
+                yield
+                layer.mlp.finish(pending)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()  # [T, V]

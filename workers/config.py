@@ -236,6 +236,13 @@ def _deepseek_fields(raw: dict, source: str, need) -> dict:
     return out
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto: the GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """float32 on CPU and bfloat16 on GPU unless told otherwise."""
     if name is None or name == "auto":

@@ -19,6 +19,10 @@ class DispatchOutput(NamedTuple):
 
 
 class Dispatcher:
+    def for_layer(self, layer: int) -> "Dispatcher":
+        """The dispatcher one MoE layer uses (a distributed one tags its rounds with the layer)."""
+        return self
+
     def dispatch_start(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Any:
         raise NotImplementedError
 
@@ -36,3 +40,13 @@ class Dispatcher:
 
     def combine(self, expert_out: torch.Tensor, handle: Any) -> torch.Tensor:
         return self.combine_wait(self.combine_start(expert_out, handle))
+
+
+def weighted_sum(rows: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Expert outputs back to their tokens: rows [T*K, D] in sorted order, order [T*K] the flat (token, k) index of
+    each sorted row -> [T, D], the routing-weighted sum over each token's K experts (in k order, every topology)."""
+    T, K = topk_weights.shape
+    unsorted = torch.empty_like(rows)  # [T*K, D]
+    unsorted[order] = rows
+    weighted = unsorted.view(T, K, rows.shape[1]).float() * topk_weights[..., None]  # [T, K, D]
+    return weighted.sum(dim=1).to(rows.dtype)  # [T, D]

@@ -27,6 +27,7 @@ class Experts(nn.Module):
         self.w13.shards = tuple((e, p) for e in self.expert_ids for p in PROJ_SHARD)
         self.w2.shards = tuple((e, "down") for e in self.expert_ids)
         self.w13.weight_loader = self.w2.weight_loader = self._load
+        self.w13.expert_ids = self.w2.expert_ids = self.expert_ids  # global id of each slice (random init)
 
     def _load(self, param: torch.Tensor, ref, shard) -> None:
         expert, proj = shard

@@ -7,6 +7,8 @@ one at a time, so peak extra memory is about one tensor.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
@@ -49,15 +51,26 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
 
 @torch.no_grad()
 def init_random(model: nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights of the right shapes (`--random-weights`): norms at 1, everything else N(0, std)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    """Random weights of the right shapes (`--random-weights`): norms at 1, everything else N(0, std).
+
+    Each tensor (each expert's slice, for stacked experts) draws from its own generator seeded by its name, so a
+    model split across workers gets the same weights as the whole model built in one process."""
+    device = next(model.parameters()).device
+
+    def normal_(t: torch.Tensor, key: str) -> None:
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        t.normal_(0.0, std, generator=gen)
+
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
         elif name.endswith(".bias"):
             p.zero_()
+        elif hasattr(p, "expert_ids"):  # [E_local, ...] stacked experts
+            for i, e in enumerate(p.expert_ids):
+                normal_(p[i], f"{name}.{e}")
         else:
-            p.normal_(0.0, std, generator=gen)
+            normal_(p, name)
 
 
 def build_model(cls, config, device: torch.device, dtype: torch.dtype, checkpoint: Checkpoint | None = None,

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from workers.dispatcher import Dispatcher, DispatchOutput
+from workers.dispatcher import Dispatcher, DispatchOutput, weighted_sum
 
 
 class LocalHandle(NamedTuple):
@@ -29,11 +29,7 @@ class LocalDispatcher(Dispatcher):
         return pending
 
     def combine_start(self, expert_out: torch.Tensor, handle: LocalHandle) -> torch.Tensor:
-        T, K = handle.topk_weights.shape
-        unsorted = torch.empty_like(expert_out)  # [T*K, D]
-        unsorted[handle.order] = expert_out
-        weighted = unsorted.view(T, K, -1).float() * handle.topk_weights[..., None]  # [T, K, D]
-        return weighted.sum(dim=1).to(expert_out.dtype)  # [T, D]
+        return weighted_sum(expert_out, handle.order, handle.topk_weights)  # [T, D]
 
     def combine_wait(self, pending: torch.Tensor) -> torch.Tensor:
         return pending

@@ -1,15 +1,33 @@
-"""ModelRunner: owns the model and its paged cache; turns a step's chunks into one forward pass and samples."""
+"""ModelRunner: owns the model and its paged cache; turns a step's plan into forward passes and samples.
+
+With a distributed dispatcher the step's chunks are split into micro-batches that run in turn, one MoE layer at a
+time (ping-pong), so one micro-batch's attention overlaps another's experts. Every MoE all-to-all needs every
+rank, so a runner with nothing to do this step still runs its (empty) micro-batches.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from router.engine_config import EngineConfig
 from workers.attention_metadata import AttentionMetadata
-from workers.causal_lm import CausalLM
-from workers.kv_cache import KVCache
+from workers.causal_lm import CausalLM, run_interleaved
+from workers.checkpoint import Checkpoint
+from workers.config import ModelConfig, resolve_device, resolve_dtype
+from workers.dispatcher import Dispatcher
+from workers.grouped_mm import select_grouped_mm
+from workers.kv_cache import KVCache, bytes_per_token
+from workers.loader import build_model
+from workers.local_dispatcher import LocalDispatcher
 from workers.sampler import SampleResult, SampleRow, Sampler
+
+log = logging.getLogger(__name__)
 
 
 class SeqChunk(NamedTuple):
@@ -19,12 +37,23 @@ class SeqChunk(NamedTuple):
     samples: tuple[SampleRow, ...]  # tokens to sample after the last one: none mid-prompt, n when forking
 
 
+class StepPlan(NamedTuple):
+    chunks: list[SeqChunk]  # decodes first, then prefill chunks
+    release: tuple[int, ...] = ()  # finished sequences: drop their sampler state
+
+
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device):
+    def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device, micro_batches: int = 1,
+                 collective: bool = False):
+        """collective: the model's MoE layers talk to other ranks, which need this one in every step."""
         self.model = model
         self.kv_cache = kv_cache
         self.device = device
-        self.sampler = Sampler()
+        self.micro_batches = micro_batches
+        self.collective = collective
+        self.sampler = Sampler(device)
+        self.dtype = next(model.parameters()).dtype
+        self.busy_s = 0.0  # time spent in execute()
 
     def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flattens the chunks. The leading one-token chunks take the batched decode path, so schedule them first."""
@@ -55,16 +84,69 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, chunks: list[SeqChunk], all_positions: bool = False) -> torch.Tensor:
         """Logits [S, V]: one row per sample of each chunk (every token's row with all_positions)."""
-        input_ids, positions, meta = self.prepare(chunks)
-        hidden = self.model(input_ids, positions, self.kv_cache, meta)  # [T, D]
+        groups = split_micro_batches(chunks, self.micro_batches)
+        stages = []
+        for group in groups:
+            if group:
+                input_ids, positions, meta = self.prepare(group)
+                stages.append(self.model.stages(input_ids, positions, self.kv_cache, meta))
+            else:
+                stages.append(self.model.idle_stages(self.device, self.dtype))
+        hidden = [h for h in run_interleaved(stages) if h is not None]  # [T_g, D] per non-empty group
+        if not hidden:
+            return torch.empty(0, self.model.config.vocab_size, device=self.device)
+        hidden = torch.cat(hidden) if len(hidden) > 1 else hidden[0]  # [T, D]
         if not all_positions:
-            ends = torch.tensor(meta.query_lens, device=self.device).cumsum(0) - 1  # [B]
+            ends = torch.tensor([len(c.token_ids) for c in chunks], device=self.device).cumsum(0) - 1  # [B]
             repeats = torch.tensor([len(c.samples) for c in chunks], device=self.device)  # [B]
             hidden = hidden[ends.repeat_interleave(repeats)]  # [S, D]
         return self.model.compute_logits(hidden)
 
-    def step(self, chunks: list[SeqChunk]) -> list[SampleResult]:
-        """Runs the chunks; returns their samples' tokens, in order."""
-        logits = self.forward_logits(chunks)
-        rows = [row for c in chunks for row in c.samples]
-        return self.sampler(logits, rows) if rows else []
+    def execute(self, plan: StepPlan) -> list[SampleResult]:
+        """Runs the plan's chunks; returns their samples' tokens, in order."""
+        t0 = time.perf_counter()
+        self.sampler.release(plan.release)
+        results: list[SampleResult] = []
+        if plan.chunks or self.collective:
+            logits = self.forward_logits(plan.chunks)
+            rows = [row for c in plan.chunks for row in c.samples]
+            results = self.sampler(logits, rows) if rows else []
+        self.busy_s += time.perf_counter() - t0
+        return results
+
+
+def split_micro_batches(chunks: list[SeqChunk], n: int) -> list[list[SeqChunk]]:
+    """n contiguous groups of whole chunks, as even in tokens as whole chunks allow (some may be empty). Contiguous
+    keeps each group's decodes first, and the groups' outputs in the chunks' order."""
+    if n == 1:
+        return [chunks]
+    total = sum(len(c.token_ids) for c in chunks)
+    groups: list[list[SeqChunk]] = [[] for _ in range(n)]
+    done, g = 0, 0
+    for c in chunks:
+        while g < n - 1 and groups[g] and done >= total * (g + 1) / n:
+            g += 1
+        groups[g].append(c)
+        done += len(c.token_ids)
+    return groups
+
+
+def build_runner(config: EngineConfig, model_config: ModelConfig, dispatcher: Dispatcher | None = None,
+                 expert_ids: Sequence[int] | None = None, micro_batches: int = 1) -> ModelRunner:
+    """The model (all of it, or the attention side with `expert_ids=()`), loaded, with a KV cache from the budget."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    checkpoint = None if config.random_weights else Checkpoint(Path(config.model))
+    model = build_model(CausalLM, model_config, device, dtype, checkpoint, seed=config.seed, expert_ids=expert_ids,
+                        dispatcher=dispatcher, grouped_mm=select_grouped_mm(device, dtype))
+    max_len = config.model_len(model_config.max_position_embeddings)
+    if device.type == "cuda":
+        budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
+    else:
+        budget = int(config.kv_cache_gib * 2**30)
+    kv_cache = KVCache.from_budget(model_config, budget, config.block_size, dtype, device,
+                                   max_blocks=config.max_num_seqs * -(-max_len // config.block_size) + 1)
+    log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", kv_cache.num_blocks, config.block_size,
+             kv_cache.num_blocks * bytes_per_token(model_config, dtype) * config.block_size / 2**30)
+    collective = dispatcher is not None and not isinstance(dispatcher, LocalDispatcher)
+    return ModelRunner(model, kv_cache, device, micro_batches, collective)

@@ -3,6 +3,7 @@
 Order, as in vLLM: penalties on the raw logits, then temperature, then min-p, top-k and top-p (top-p over what
 top-k left). Greedy rows take the argmax after penalties. Logprobs are those of the raw model output. A row with
 its own generator (a request with a seed) draws alone, so its tokens do not depend on the rest of the batch.
+The sampler keeps each seeded sequence's generator from its first draw until the engine releases the sequence.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from workers.sampling_params import SamplingParams
 
 class SampleRow(NamedTuple):
     params: SamplingParams
-    generator: torch.Generator | None
-    prompt_ids: list[int]  # for the repetition penalty
-    output_ids: list[int]  # for all three penalties
+    seq_id: int  # whose generator draws, when seeded
+    seed: int | None  # the sample's own seed (the request's seed + the sample's index)
+    prompt_ids: list[int]  # for the repetition penalty (empty when the request has no penalties)
+    output_ids: list[int]  # for all three penalties (empty when the request has no penalties)
 
 
 class TokenLogprobs(NamedTuple):
@@ -35,6 +37,22 @@ class SampleResult(NamedTuple):
 
 
 class Sampler:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.generators: dict[int, torch.Generator] = {}  # seq id -> its seeded generator
+
+    def release(self, seq_ids) -> None:
+        for i in seq_ids:
+            self.generators.pop(i, None)
+
+    def generator(self, row: SampleRow) -> torch.Generator | None:
+        if row.seed is None:
+            return None
+        gen = self.generators.get(row.seq_id)
+        if gen is None:
+            gen = self.generators[row.seq_id] = torch.Generator(device=self.device).manual_seed(row.seed)
+        return gen
+
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampleResult]:
         """logits [B, V] -> one token per row."""
         raw = logits.float()  # [B, V]
@@ -77,8 +95,7 @@ class Sampler:
             logits[i] = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
         return logits
 
-    @staticmethod
-    def _draw(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         """logits [R, V] of non-greedy rows -> tokens [R]."""
         dev = logits.device
         temps = torch.tensor([r.params.temperature for r in rows], device=dev)
@@ -87,10 +104,10 @@ class Sampler:
             logits = _truncate(logits, rows)
         probs = logits.softmax(dim=-1)  # [R, V]
         out = torch.empty(len(rows), dtype=torch.long, device=dev)
-        seeded = [i for i, r in enumerate(rows) if r.generator is not None]
+        seeded = [i for i, r in enumerate(rows) if r.seed is not None]
         for i in seeded:
-            out[i] = torch.multinomial(probs[i], 1, generator=rows[i].generator)[0]
-        rest = [i for i, r in enumerate(rows) if r.generator is None]
+            out[i] = torch.multinomial(probs[i], 1, generator=self.generator(rows[i]))[0]
+        rest = [i for i, r in enumerate(rows) if r.seed is None]
         if rest:
             out[rest] = torch.multinomial(probs[rest], 1)[:, 0]
         return out

@@ -25,11 +25,11 @@ class TopKRouter(nn.Module):
         scores = F.linear(x.float(), self.weight.float()).softmax(dim=-1)  # [T, E]
         if self.method == "group_limited_greedy":
             T = scores.shape[0]
-            grouped = scores.view(T, self.n_group, -1)  # [T, G, E/G]
+            grouped = scores.view(T, self.n_group, self.num_experts // self.n_group)  # [T, G, E/G]
             best_groups = grouped.max(dim=-1).values.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
             keep = torch.zeros(T, self.n_group, dtype=torch.bool, device=x.device)
             keep.scatter_(1, best_groups, True)
-            scores = grouped.masked_fill(~keep[:, :, None], 0.0).view(T, -1)  # [T, E]
+            scores = grouped.masked_fill(~keep[:, :, None], 0.0).view(T, self.num_experts)  # [T, E]
         weights, ids = scores.topk(self.top_k, dim=-1)  # [T, K]
         if self.top_k > 1 and self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
