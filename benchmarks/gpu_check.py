@@ -3,9 +3,12 @@
     python benchmarks/gpu_check.py [--out DIR]
 
 1. The model-vs-transformers tests on CUDA (float32, tiny checkpoints).
-2. Batch-1 decode of a DeepSeek-Coder-V2-Lite-shaped model (--random-weights, bfloat16): ours, then transformers
+2. The all-to-all dispatcher on an NCCL group of world size 1 (tiny DeepSeek-V2, float32): the same code path the
+   multi-process workers use must give the colocated model's greedy tokens (tests/dispatch_check.py).
+3. Batch-1 decode of a DeepSeek-Coder-V2-Lite-shaped model (--random-weights, bfloat16): ours, then transformers
    in a separate process, same prompt length and output length.
-Prints a table and writes gpu_check.json to --out.
+4. Colocated single-GPU throughput on the same model: decode tokens/s at --throughput-batches.
+Prints tables and writes gpu_check.json to --out.
 """
 
 from __future__ import annotations
@@ -45,9 +48,15 @@ def part_ours(prompt_len: int, new_tokens: int, batch: int) -> dict:
     for p in prompts:
         eng.add_request(p, params)
     t0 = time.perf_counter()
-    out_tokens = sum(len(o.outputs[0].token_ids) for o in eng.step())  # prefill (one chunk per prompt here)
+    started: set[str] = set()
+    out_tokens = 0
+    while len(started) < batch:  # prefill: until every request has its first token
+        for o in eng.step():
+            started.add(o.request_id)
+            out_tokens += sum(len(c.token_ids) for c in o.outputs)
     torch.cuda.synchronize()
     t1 = time.perf_counter()
+    decode_from = out_tokens
     steps = 0
     while eng.has_unfinished():
         out_tokens += sum(len(c.token_ids) for o in eng.step() for c in o.outputs)
@@ -56,7 +65,7 @@ def part_ours(prompt_len: int, new_tokens: int, batch: int) -> dict:
     t2 = time.perf_counter()
     return {"impl": "ours", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "load_s": load_s,
             "prefill_s": t1 - t0, "decode_steps": steps, "decode_s": t2 - t1,
-            "decode_tok_s": (out_tokens - batch) / (t2 - t1), "grouped_mm": experts.grouped_mm is torch_grouped_mm,
+            "decode_tok_s": (out_tokens - decode_from) / (t2 - t1), "grouped_mm": experts.grouped_mm is torch_grouped_mm,
             "kv_blocks": eng.executor.runner.kv_cache.num_blocks, "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -94,9 +103,24 @@ def part_hf(prompt_len: int, new_tokens: int, batch: int) -> dict:
             "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def run_part(name: str, args) -> dict:
+def part_nccl(prompt_len: int, new_tokens: int, batch: int) -> dict:
+    import tempfile
+
+    from cluster.tiny_checkpoint import make_checkpoint
+    from tests.dispatch_check import world_size_one
+    from tests.harness import random_prompts
+
+    with tempfile.TemporaryDirectory() as d:
+        model_dir = str(make_checkpoint("v2_lite", Path(d)))
+        out = world_size_one(model_dir, "cuda", "float32", random_prompts([7, 30, 2, 64], seed=3))
+    return {"impl": "all-to-all, world size 1", "backend": out["backend"],
+            "same_tokens_as_local": out["all_to_all"] == out["local"],
+            "copies_through_all_to_all": out["copies_through_all_to_all"]}
+
+
+def run_part(name: str, args, batch: int | None = None) -> dict:
     cmd = [sys.executable, __file__, "--part", name, "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--batch", str(args.batch)]
+           "--new-tokens", str(args.new_tokens), "--batch", str(batch or args.batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     sys.stderr.write(proc.stderr[-4000:])
     if proc.returncode != 0:
@@ -106,16 +130,17 @@ def run_part(name: str, args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=["ours", "hf"])
+    ap.add_argument("--part", choices=["ours", "hf", "nccl"])
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--throughput-batches", default="64,256")
     ap.add_argument("--timeout", type=int, default=240)
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if args.part:
-        fn = part_ours if args.part == "ours" else part_hf
+        fn = {"ours": part_ours, "hf": part_hf, "nccl": part_nccl}[args.part]
         print(json.dumps(fn(args.prompt_len, args.new_tokens, args.batch)))
         return 0
 
@@ -129,6 +154,8 @@ def main() -> int:
                            text=True, timeout=args.timeout)
         print(t.stdout[-3000:], t.stderr[-2000:])
         report["tests_on_cuda"] = t.stdout.strip().splitlines()[-1] if t.stdout.strip() else t.stderr[-500:]
+    report["nccl_dispatch"] = run_part("nccl", args)
+    print(f"all-to-all dispatcher, NCCL world size 1: {report['nccl_dispatch']}")
     report["decode"] = [run_part("ours", args), run_part("hf", args)]
     print(f"\n{report['device']}, torch {report['torch']}: DeepSeek-Coder-V2-Lite shape, random bf16 weights, "
           f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
@@ -139,6 +166,14 @@ def main() -> int:
         else:
             print(f"{r['impl']:<24}{r['load_s']:>8.1f}{r['prefill_s']:>11.3f}{r['decode_tok_s']:>14.1f}"
                   f"{r['max_mem_gib']:>9.1f}")
+    report["throughput"] = [run_part("ours", args, int(b)) for b in args.throughput_batches.split(",")]
+    print(f"\ncolocated single-GPU throughput, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(f"{'batch':>6}{'prefill s':>11}{'decode tok/s':>14}{'max GiB':>9}")
+    for r in report["throughput"]:
+        if "error" in r:
+            print(f"{'':>6} ERROR {r['error'][-300:]}")
+        else:
+            print(f"{r['batch']:>6}{r['prefill_s']:>11.3f}{r['decode_tok_s']:>14.1f}{r['max_mem_gib']:>9.1f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
     return 0

@@ -49,7 +49,7 @@ def test_every_topology_gives_the_single_process_tokens(checkpoint_dir, kind):
     single, _ = staggered(engine(d, max_num_batched_tokens=64), prompts)
     ref = hf_model(d)
     assert single == [hf_greedy(ref, p, PARAMS.max_tokens) for p in prompts]
-    for A, E, micro in [(1, 1, 2), (2, 2, 2), (2, 2, 1), (1, 3, 2), (3, 1, 2)]:
+    for A, E, micro in [(1, 1, 2), (2, 2, 2), (2, 2, 1), (1, 3, 2), (3, 1, 2), (2, 0, 1)]:  # (2, 0): colocated DP
         eng = engine(d, max_num_batched_tokens=64, attention_workers=A, expert_workers=E, micro_batches=micro)
         try:
             got, steps = staggered(eng, prompts)

@@ -88,3 +88,21 @@ def test_bad_input_is_a_clear_error(checkpoint_dir, tmp_path, capsys, line, mess
 def test_missing_model_dir_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_offline_job_on_two_attention_and_two_expert_workers(checkpoint_dir, tmp_path):
+    d = checkpoint_dir("v2_236b")
+    inp = _write(tmp_path / "in.jsonl", [
+        {"prompt": "def fib(n):", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        {"prompt_token_ids": [256, 10, 20, 30], "max_tokens": 5, "temperature": 0, "ignore_eos": True},
+        {"prompt": "hello", "max_tokens": 6, "temperature": 0.8, "seed": 7, "top_p": 0.9, "n": 2},
+        {"prompt": "x" * 70, "max_tokens": 4, "temperature": 0, "logprobs": 2},
+    ])
+    outs = {}
+    for name, flags in {"one process": [], "2+2": ["--attention-workers", "2", "--expert-workers", "2"]}.items():
+        out = tmp_path / f"{len(outs)}.jsonl"
+        assert main(["generate", "--model", str(d), "--input", str(inp), "--output", str(out), "--device", "cpu",
+                     "--dtype", "float32", *flags]) == 0
+        outs[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(outs["2+2"]) == 5  # one line per sample
+    assert outs["2+2"] == outs["one process"]  # seeds, n and logprobs included

@@ -106,7 +106,7 @@ class AllToAllDispatcher(Dispatcher):
 
     def dispatch_start(self, hidden, topk_ids, topk_weights) -> PendingDispatch:
         t0 = time.perf_counter()
-        pending = self._round(self.layer, hidden, topk_ids, topk_weights)
+        pending = self._round(hidden, topk_ids, topk_weights)
         self.stats.dispatch_s += time.perf_counter() - t0
         return pending
 
@@ -118,7 +118,7 @@ class AllToAllDispatcher(Dispatcher):
         sent = control.dispatch(empty, ids, torch.empty(0, top_k, device=self.device))
         control.combine(sent.hidden, sent.handle)
 
-    def _round(self, header: int, hidden, topk_ids, topk_weights) -> PendingDispatch:
+    def _round(self, hidden, topk_ids, topk_weights) -> PendingDispatch:
         T, K = topk_ids.shape
         world, group = self.groups.world, self.groups.ep
         slot = self.slot_of[topk_ids.flatten()]  # [T*K]
@@ -126,7 +126,7 @@ class AllToAllDispatcher(Dispatcher):
         per_slot = torch.bincount(slot, minlength=len(self.slot_of))  # [E]
         counts = per_slot.new_zeros(world * self.max_local)  # [R*M]
         counts[self.cell_of_slot] = per_slot
-        headers = per_slot.new_full((world, 1), header)  # [R, 1]
+        headers = per_slot.new_full((world, 1), self.layer)  # [R, 1]
         message = torch.cat([headers, counts.view(world, self.max_local)], dim=1)  # [R, 1+M]
         heard = torch.empty_like(message)  # [R, 1+M] from each source: its header and counts for my experts
         dist.all_to_all_single(heard, message, group=group)
