@@ -1,6 +1,7 @@
 """AsyncEngine: streams, early exits that abort, bad requests refused, failures reported, stats."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -66,12 +67,22 @@ def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks():
 
 
 def test_abort_ends_the_stream_with_abort():
-    eng = AsyncEngine(fake_engine())
+    core = fake_engine()
+    gate, execute = threading.Event(), core.executor.execute
+
+    def held(plans):  # from the second step on, the engine waits until the abort is sent (else it may finish)
+        if core.executor.rank_steps:
+            gate.wait(timeout=30)
+        return execute(plans)
+
+    core.executor.execute = held
+    eng = AsyncEngine(core)
 
     async def main():
         agen = eng.generate([1, 2, 3], SamplingParams(max_tokens=10_000, temperature=0, ignore_eos=True), "r1")
         first = await agen.__anext__()
         eng.abort("r1")
+        gate.set()
         rest = [out async for out in agen]
         return first, rest
 
