@@ -1,0 +1,149 @@
+"""The OpenAI-compatible HTTP server, driven by the official `openai` client and by raw HTTP for bad input."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from router.async_engine import AsyncEngine
+from router.engine_config import EngineConfig
+from router.llm_engine import LLMEngine
+from router.openai_server import build_app
+from tests.harness import hf_greedy, hf_model
+
+MODEL = "tiny-deepseek-v2"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_dir):
+    d = checkpoint_dir("v2_lite")
+    core = LLMEngine.from_config(EngineConfig(model=str(d), dtype="float32", kv_cache_gib=0.05, max_model_len=512))
+    engine = AsyncEngine(core)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    yield {"url": url, "client": openai.OpenAI(base_url=f"{url}/v1", api_key="none"), "dir": d, "engine": engine}
+    srv.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+def text_of(server, token_ids: list[int]) -> str:
+    """What the server should stream for these tokens: no special tokens, no half-arrived last character."""
+    tokenizer = server["engine"].engine.tokenizer
+    return tokenizer.decode(token_ids, skip_special_tokens=True).removesuffix("\ufffd")
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server["client"].models.list().data] == [MODEL]
+    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
+
+
+def test_completion_equals_transformers_greedy(server):
+    client, d = server["client"], server["dir"]
+    ids = httpx.post(server["url"] + "/tokenize", json={"prompt": "def add(a, b):"}).json()["tokens"]
+    out = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=10, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    want = hf_greedy(hf_model(d), ids, 10)
+    assert out.choices[0].text == text_of(server, want) and out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 10
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=10, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == out.choices[0].text
+
+
+def test_completion_list_of_prompts_n_logprobs_and_echo(server):
+    client = server["client"]
+    out = client.completions.create(model=MODEL, prompt=["ab", "cd"], max_tokens=4, n=2, temperature=0.9,
+                                    seed=3, logprobs=2, echo=True, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert all(c.text.startswith("ab") for c in out.choices if c.index < 2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert out.usage.completion_tokens == 16
+
+
+def test_streaming_completion_equals_the_whole_one(server):
+    client = server["client"]
+    kw = dict(model=MODEL, prompt="x = ", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert chunks[-1].usage.completion_tokens == 12 and not chunks[-1].choices
+
+
+def test_chat_uses_the_template_and_streams(server):
+    client, d = server["client"], server["dir"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "sort a list"}]
+    ids = httpx.post(server["url"] + "/tokenize", json={"messages": messages}).json()["tokens"]
+    text = httpx.post(server["url"] + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert text.endswith("User: sort a list\n\nAssistant:")  # no space after "Assistant:"
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                         logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    assert out.choices[0].message.content == text_of(server, hf_greedy(hf_model(d), ids, 8))
+    assert out.usage.prompt_tokens == len(ids) and len(out.choices[0].logprobs.content) == 8
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("body, status, says", [
+    ('{"prompt": "hi", "max_tokens": 4', 400, "JSON"),
+    ('{"prompt": 5}', 400, "prompt"),
+    ('{"prompt": "hi", "max_tokens": -1}', 400, "max_tokens must be >= 1"),
+    ('{"prompt": "hi", "max_tokens": 100000}', 400, "leaves room for"),
+    ('{"prompt": "hi", "temperature": -1}', 400, "temperature"),
+    ('{"prompt": "hi", "model": "gpt-4"}', 404, "does not exist"),
+    ('{"prompt": []}', 400, "empty"),
+    ('{"prompt": [1, 2, 99999]}', 400, "token ids must be in"),
+    ('{"prompt": "hi", "suffix": "x"}', 400, "suffix"),
+])
+def test_bad_completion_requests_get_a_4xx_that_says_what_to_fix(server, body, status, says):
+    r = httpx.post(server["url"] + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert says in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "role"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "x" * 600}]}, "context"),
+])
+def test_bad_chat_requests_get_a_400(server, body, says):
+    r = httpx.post(server["url"] + "/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert says in r.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_a_stream_aborts_its_generation(server):
+    core = server["engine"].engine
+    with httpx.stream("POST", server["url"] + "/v1/completions",
+                      json={"prompt": "x", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+                            "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                json.loads(line[6:])
+                break  # leave after the first chunk
+    for _ in range(100):
+        if not core.has_unfinished():
+            break
+        time.sleep(0.05)
+    assert not core.has_unfinished()
