@@ -24,6 +24,9 @@ from router.request_output import CompletionOutput, RequestOutput
 from workers.sampling_params import SamplingParams
 
 
+FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")  # DeepSeek-Coder's, V1 and V2
+
+
 class HTTPError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
@@ -63,6 +66,18 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     def encode(text: str, add_special_tokens: bool = True) -> list[int]:
         need_tokenizer()
         return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def fim_encode(suffix: str):
+        """Fill-in-the-middle: the prompt is the code before the hole, `suffix` the code after it, in the model's
+        own FIM tokens (DeepSeek-Coder: <｜fim▁begin｜>before<｜fim▁hole｜>after<｜fim▁end｜>)."""
+        need_tokenizer()
+        vocab = tokenizer.get_vocab()
+        if any(t not in vocab for t in FIM_TOKENS):
+            raise HTTPError(400, "this model has no fill-in-the-middle tokens, so 'suffix' cannot be used",
+                            param="suffix")
+        begin, hole, end = FIM_TOKENS
+
+        return lambda prefix: tokenizer.encode(f"{begin}{prefix}{hole}{suffix}{end}")
 
     def chat_ids(messages) -> list[int]:
         need_tokenizer()
@@ -129,9 +144,9 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        if req.suffix is not None:
-            raise HTTPError(400, "'suffix' (fill-in-the-middle) is not supported yet", param="suffix")
-        prompts, texts = completion_prompts(req.prompt, encode)
+        if req.suffix is not None and not (isinstance(req.prompt, str) or all(isinstance(p, str) for p in req.prompt)):
+            raise HTTPError(400, "with 'suffix', the prompt must be text", param="prompt")
+        prompts, texts = completion_prompts(req.prompt, encode if req.suffix is None else fim_encode(req.suffix))
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise HTTPError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
         params = params_for(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
@@ -179,7 +194,7 @@ def completion_prompts(prompt, encode) -> tuple[list[list[int]], list[str | None
         raise HTTPError(400, "the prompt is empty", param="prompt")
     elif all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
-    ids = [encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    ids = [list(p) if isinstance(p, list) else encode(p) for p in prompt]
     if any(not p for p in ids):
         raise HTTPError(400, "a prompt in the list is empty", param="prompt")
     return ids, [p if isinstance(p, str) else None for p in prompt]

@@ -113,7 +113,7 @@ def test_chat_uses_the_template_and_streams(server):
     ('{"prompt": "hi", "model": "gpt-4"}', 404, "does not exist"),
     ('{"prompt": []}', 400, "empty"),
     ('{"prompt": [1, 2, 99999]}', 400, "token ids must be in"),
-    ('{"prompt": "hi", "suffix": "x"}', 400, "suffix"),
+    ('{"prompt": [5, 6], "suffix": "x"}', 400, "must be text"),
 ])
 def test_bad_completion_requests_get_a_4xx_that_says_what_to_fix(server, body, status, says):
     r = httpx.post(server["url"] + "/v1/completions", content=body, headers={"content-type": "application/json"})
@@ -147,3 +147,14 @@ def test_a_client_that_leaves_a_stream_aborts_its_generation(server):
             break
         time.sleep(0.05)
     assert not core.has_unfinished()
+
+
+def test_fill_in_the_middle_with_suffix(server):
+    client, core = server["client"], server["engine"].engine
+    out = client.completions.create(model=MODEL, prompt="def f(x):\n    ", suffix="\n    return y", max_tokens=6,
+                                    temperature=0, extra_body={"ignore_eos": True})
+    fim = core.tokenizer.encode("<｜fim▁begin｜>def f(x):\n    <｜fim▁hole｜>\n    return y<｜fim▁end｜>")
+    assert fim[0] == 256 and out.usage.prompt_tokens == len(fim)
+    plain = client.completions.create(model=MODEL, prompt=fim, max_tokens=6, temperature=0,
+                                      extra_body={"ignore_eos": True})
+    assert out.choices[0].text == plain.choices[0].text
