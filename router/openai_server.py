@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP front door (FastAPI), over an AsyncEngine.
 
-Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both streaming over SSE), /health, /tokenize,
-/detokenize, and the OpenAPI schema at /openapi.json. Bad input is a 4xx with OpenAI's error body, saying what to
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both streaming over SSE), /health, /metrics
+(Prometheus), /tokenize, /detokenize, and the OpenAPI schema at /openapi.json. Bad input is a 4xx with OpenAI's error body, saying what to
 fix; a client that disconnects aborts its generation (the engine stream's close does it).
 """
 
@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from router.async_engine import AsyncEngine, EngineError
+from router.metrics import Metrics
 from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                                     TokenizeRequest)
 from router.request_output import CompletionOutput, RequestOutput
@@ -40,6 +42,10 @@ def error_body(message: str, kind: str, status: int, param: str | None = None) -
 def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     app = FastAPI(title="moe-serve", description="OpenAI-compatible API for DeepSeek models")
     core = engine.engine
+    metrics = Metrics(engine.stats, model_name)
+
+    def generate(prompt: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
+        return metrics.observe(engine.generate(prompt, params, request_id))
     tokenizer = core.tokenizer
     max_len = core.max_model_len
 
@@ -119,6 +125,10 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
@@ -153,8 +163,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             echoes = [echo_text(p, t, params) for p, t in zip(prompts, texts)] if req.echo else None
-            return sse(completion_chunks(engine, prompts, params, rid, created, model_name, req, token_text, echoes))
-        outs = await unless_disconnected(request, generate_all(engine, prompts, params, rid))
+            return sse(completion_chunks(generate, prompts, params, rid, created, model_name, req, token_text, echoes))
+        outs = await unless_disconnected(request, generate_all(generate, prompts, params, rid))
         choices = []
         for i, (prompt, text, out) in enumerate(zip(prompts, texts, outs)):
             prefix = echo_text(prompt, text, params) if req.echo else ""
@@ -175,8 +185,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         params = params_for(req, prompts, max_tokens, logprobs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return sse(chat_chunks(engine, prompts[0], params, rid, created, model_name, req, token_text))
-        (out,) = await unless_disconnected(request, generate_all(engine, prompts, params, rid))
+            return sse(chat_chunks(generate, prompts[0], params, rid, created, model_name, req, token_text))
+        (out,) = await unless_disconnected(request, generate_all(generate, prompts, params, rid))
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": chat_logprobs(c, token_text), "finish_reason": c.finish_reason}
                    for c in out.outputs]
@@ -200,12 +210,12 @@ def completion_prompts(prompt, encode) -> tuple[list[list[int]], list[str | None
     return ids, [p if isinstance(p, str) else None for p in prompt]
 
 
-async def generate_all(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
+async def generate_all(generate, prompts: list[list[int]], params: SamplingParams,
                        rid: str) -> list[RequestOutput]:
     """Every prompt to completion, concurrently; each one's merged output."""
     async def one(i: int, prompt: list[int]) -> RequestOutput:
         merged = None
-        async for out in engine.generate(prompt, params, f"{rid}-{i}"):
+        async for out in generate(prompt, params, f"{rid}-{i}"):
             merged = out if merged is None else merged.merge(out)
         return merged
 
@@ -227,7 +237,7 @@ async def unless_disconnected(request: Request, work):
             raise HTTPError(499, "the client closed the connection")
 
 
-async def streams(engine: AsyncEngine, prompts: list[list[int]], params: SamplingParams,
+async def streams(generate, prompts: list[list[int]], params: SamplingParams,
                   rid: str) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(prompt index, output) as they come, from all prompts at once; closing it aborts them all."""
     queue: asyncio.Queue = asyncio.Queue()
@@ -235,7 +245,7 @@ async def streams(engine: AsyncEngine, prompts: list[list[int]], params: Samplin
 
     async def pump(i: int, prompt: list[int]) -> None:
         try:
-            async for out in engine.generate(prompt, params, f"{rid}-{i}"):
+            async for out in generate(prompt, params, f"{rid}-{i}"):
                 await queue.put((i, out))
         except Exception as e:  # noqa: BLE001 - handed to the consumer
             await queue.put(e)
@@ -269,7 +279,7 @@ def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream")
 
 
-async def completion_chunks(engine, prompts, params, rid, created, model, req, token_text,
+async def completion_chunks(generate, prompts, params, rid, created, model, req, token_text,
                             echoes: list[str] | None) -> AsyncIterator[dict]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": model}
     finals: dict[int, RequestOutput] = {}
@@ -277,7 +287,7 @@ async def completion_chunks(engine, prompts, params, rid, created, model, req, t
         for j in range(params.n):
             yield {**base, "choices": [{"index": i * params.n + j, "text": echo, "logprobs": None,
                                         "finish_reason": None}]}
-    async for i, out in streams(engine, prompts, params, rid):
+    async for i, out in streams(generate, prompts, params, rid):
         finals[i] = out if i not in finals else finals[i].merge(out)
         choices = [{"index": i * params.n + c.index, "text": c.text,
                     "logprobs": completion_logprobs(c, token_text), "finish_reason": c.finish_reason}
@@ -287,13 +297,13 @@ async def completion_chunks(engine, prompts, params, rid, created, model, req, t
         yield {**base, "choices": [], "usage": usage(prompts, [finals[i] for i in range(len(prompts))])}
 
 
-async def chat_chunks(engine, prompt, params, rid, created, model, req, token_text) -> AsyncIterator[dict]:
+async def chat_chunks(generate, prompt, params, rid, created, model, req, token_text) -> AsyncIterator[dict]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
     final = None
     for j in range(params.n):
         yield {**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                     "finish_reason": None}]}
-    async for _, out in streams(engine, [prompt], params, rid):
+    async for _, out in streams(generate, [prompt], params, rid):
         final = out if final is None else final.merge(out)
         choices = [{"index": c.index, "delta": {"content": c.text} if c.text else {},
                     "logprobs": chat_logprobs(c, token_text), "finish_reason": c.finish_reason}

@@ -158,3 +158,18 @@ def test_fill_in_the_middle_with_suffix(server):
     plain = client.completions.create(model=MODEL, prompt=fim, max_tokens=6, temperature=0,
                                       extra_body={"ignore_eos": True})
     assert out.choices[0].text == plain.choices[0].text
+
+
+def test_metrics_use_vllm_names_under_our_prefix(server):
+    server["client"].completions.create(model=MODEL, prompt="a", max_tokens=3, temperature=0,
+                                        extra_body={"ignore_eos": True})
+    text = httpx.get(server["url"] + "/metrics").text
+    series = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    label = f'{{model_name="{MODEL}"}}'
+    assert series[f'moe_serve:request_success_total{{finished_reason="length",model_name="{MODEL}"}}'] >= 1
+    assert series[f"moe_serve:generation_tokens_total{label}"] >= 3
+    assert series[f"moe_serve:time_to_first_token_seconds_count{label}"] >= 1
+    assert series[f"moe_serve:e2e_request_latency_seconds_count{label}"] >= 1
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate"):
+        assert f"moe_serve:{gauge}{label}" in series
