@@ -8,10 +8,12 @@ fix; a client that disconnects aborts its generation (the engine stream's close 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,8 +41,17 @@ def error_body(message: str, kind: str, status: int, param: str | None = None) -
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
+@dataclass(frozen=True)
+class ServerLimits:
+    api_keys: tuple[str, ...] = ()  # Bearer keys for /v1, /tokenize and /detokenize; none: open
+    max_waiting: int = 1024  # queued sequences beyond which new requests get 429 with Retry-After
+    max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
+    retry_after_s: int = 1
+
+
+def build_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = ServerLimits()) -> FastAPI:
     app = FastAPI(title="moe-serve", description="OpenAI-compatible API for DeepSeek models")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     core = engine.engine
     metrics = Metrics(engine.stats, model_name)
 
@@ -51,7 +62,8 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
 
     @app.exception_handler(HTTPError)
     async def _http_error(_, e: HTTPError):
-        return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status)
+        headers = {"Retry-After": str(limits.retry_after_s)} if e.status == 429 else None
+        return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
@@ -59,6 +71,22 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse(error_body(message, "invalid_request_error", 400, where or None), status_code=400)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        public = request.url.path in ("/health", "/metrics", "/docs", "/openapi.json")
+        if limits.api_keys and not public:
+            given = request.headers.get("authorization", "")
+            key = given[len("Bearer "):] if given.startswith("Bearer ") else None
+            if key is None or not any(hmac.compare_digest(key, k) for k in limits.api_keys):
+                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                               "authentication_error", 401), status_code=401)
+        return await call_next(request)
+
+    def admit() -> None:
+        if engine.stats().waiting >= limits.max_waiting:
+            raise HTTPError(429, f"the server is busy ({limits.max_waiting} requests queued); retry shortly",
+                            "rate_limit_error")
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -154,6 +182,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
+        admit()
         if req.suffix is not None and not (isinstance(req.prompt, str) or all(isinstance(p, str) for p in req.prompt)):
             raise HTTPError(400, "with 'suffix', the prompt must be text", param="prompt")
         prompts, texts = completion_prompts(req.prompt, encode if req.suffix is None else fim_encode(req.suffix))
@@ -177,6 +206,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
+        admit()
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         prompts = [chat_ids(req.messages)]
@@ -194,6 +224,45 @@ def build_app(engine: AsyncEngine, model_name: str) -> FastAPI:
                 "choices": choices, "usage": usage(prompts, [out])}
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over max_bytes gets 413, declared (Content-Length) or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except BodyTooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps(error_body(f"the request body is over {self.max_bytes} bytes", "invalid_request_error",
+                                     413)).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    pass
 
 
 def completion_prompts(prompt, encode) -> tuple[list[list[int]], list[str | None]]:

@@ -173,3 +173,30 @@ def test_metrics_use_vllm_names_under_our_prefix(server):
     assert series[f"moe_serve:e2e_request_latency_seconds_count{label}"] >= 1
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate"):
         assert f"moe_serve:{gauge}{label}" in series
+
+
+def test_api_keys_body_limit_and_queue_limit():
+    from fastapi.testclient import TestClient
+
+    from router.openai_server import ServerLimits
+    from tests.fake_runner import fake_engine
+
+    engine = AsyncEngine(fake_engine())
+    try:
+        app = build_app(engine, "fake", ServerLimits(api_keys=("k1",), max_body_bytes=2000))
+        with TestClient(app) as http:
+            body = {"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0}
+            assert http.post("/v1/completions", json=body).status_code == 401
+            assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k2"}).status_code == 401
+            ok = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k1"})
+            assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+            assert http.get("/health").status_code == 200  # open without a key
+            big = {**body, "prompt": list(range(1, 900))}
+            r = http.post("/v1/completions", json=big, headers={"Authorization": "Bearer k1"})
+            assert r.status_code == 413 and "over 2000 bytes" in r.json()["error"]["message"]
+        full = build_app(engine, "fake", ServerLimits(max_waiting=0))
+        with TestClient(full) as http:
+            r = http.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+    finally:
+        engine.shutdown()
