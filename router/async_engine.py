@@ -27,10 +27,14 @@ class EngineError(RuntimeError):
     """A step failed while this request was in flight."""
 
 
+class EngineBusy(RuntimeError):
+    """The engine's queue is full; the request was not taken (HTTP 429, gRPC RESOURCE_EXHAUSTED)."""
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, prompt, params) | ("abort", id)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, prompt, params, session) | ("abort", id)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopped = False
@@ -38,31 +42,50 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    # what the front doors read
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self):
+        return self.engine.model_config
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Takes a request, or refuses it now (ValueError: bad input; EngineBusy: the queue is full). Returns its
+        output stream, which must be consumed or closed: closing it early aborts the request."""
         self.engine.validate(prompt_ids, params)
+        if self._stats.waiting >= self.engine.config.max_waiting:
+            raise EngineBusy(f"the server is busy ({self._stats.waiting} requests queued); retry shortly")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, list(prompt_ids), params))
-        done = False
+        self._send(("add", request_id, list(prompt_ids), params, session_id))
+        return OutputStream(self, request_id, stream)
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                       session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """submit() and its stream in one: the refusal comes at the first iteration."""
+        outputs = await self.submit(prompt_ids, params, request_id, session_id)
         try:
-            while not done:
-                item = await stream.get()
-                if isinstance(item, Exception):
-                    done = True
-                    raise item
-                done = item.finished
-                yield item
+            async for out in outputs:
+                yield out
         finally:
-            self._streams.pop(request_id, None)
-            if not done:
-                self.abort(request_id)
+            outputs.close()
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
+
+    async def end_session(self, session_id: str) -> None:
+        """Lets go of the session's pinned history on this engine."""
+        self._send(("end_session", session_id))
 
     def stats(self) -> EngineStats:
         """As of the last step."""
@@ -104,11 +127,13 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if message[0] == "add":
-                _, request_id, prompt_ids, params = message
+                _, request_id, prompt_ids, params, session_id = message
                 try:
-                    self.engine.add_request(prompt_ids, params, request_id)
+                    self.engine.add_request(prompt_ids, params, request_id, session_id)
                 except ValueError as e:
                     self._emit(request_id, e)
+            elif message[0] == "end_session":
+                self.engine.end_session(message[1])
             else:
                 out = self.engine.abort(message[1])
                 if out is not None:
@@ -129,3 +154,42 @@ class AsyncEngine:
             loop.call_soon_threadsafe(stream.put_nowait, item)
         except RuntimeError:  # the client's event loop is gone
             pass
+
+
+class OutputStream:
+    """One request's outputs as they come. Leaving before the end (close(), or a cancelled wait) aborts it."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
+        self.engine, self.request_id, self._queue = engine, request_id, queue
+        self._open = True
+        self._finished = False
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or not self._open:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            self.close()
+            raise
+        if isinstance(item, Exception):
+            self._finished = True
+            self.close()
+            raise item
+        if item.finished:
+            self._finished = True
+            self.close()
+        return item
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.engine._streams.pop(self.request_id, None)
+            if not self._finished:
+                self.engine.abort(self.request_id)

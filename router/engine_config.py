@@ -24,6 +24,9 @@ class EngineConfig:
     expert_placement: tuple[int, ...] | None = None  # expert id -> expert worker; default: contiguous ranges
     micro_batches: int = 2  # per step and attention rank, ping-ponged against the experts (with expert workers)
     worker_threads: int | None = None  # torch threads per worker process; default: the CPUs shared out
+    max_waiting: int = 1024  # queued sequences beyond which new requests are refused as busy (HTTP 429)
+    session_cache_fraction: float = 0.5  # of each rank's cache blocks, at most this much pinned for sessions
+    session_ttl_s: float = 1800.0  # a session's pinned history is let go after this long without a turn
 
     def __post_init__(self):
         if self.attention_workers < 1:
@@ -32,6 +35,8 @@ class EngineConfig:
             raise ValueError(f"expert_workers must be 0 (colocated) or more, not {self.expert_workers}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, not {self.micro_batches}")
+        if not 0.0 <= self.session_cache_fraction <= 1.0:
+            raise ValueError(f"session_cache_fraction must be in [0, 1], not {self.session_cache_fraction}")
         if self.expert_placement is not None and not self.expert_workers:
             raise ValueError("an expert placement needs expert workers (--expert-workers)")
 

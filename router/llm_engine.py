@@ -12,6 +12,7 @@ from router.engine_stats import EngineStats
 from router.request_output import CompletionOutput, RequestOutput
 from router.scheduler import Scheduled, Scheduler
 from router.sequence import Sequence
+from router.session_pins import SessionPins
 from workers.block_manager import BlockManager
 from workers.config import ModelConfig
 from workers.executor import Executor, LocalExecutor
@@ -33,6 +34,8 @@ class LLMEngine:
         self.schedulers = [Scheduler(config, BlockManager(n, bs, config.enable_prefix_caching))
                            for n in executor.num_blocks]  # one per attention rank
         self.released: list[list[int]] = [[] for _ in self.schedulers]  # finished seq ids, per rank
+        self.sessions = SessionPins([s.blocks for s in self.schedulers], config.session_cache_fraction,
+                                    config.session_ttl_s)
         self.eos_ids = set(model_config.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
@@ -77,15 +80,22 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this checkpoint ships none; use stop_token_ids")
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    session_id: str | None = None) -> str:
+        """Queues a request. With a session id, its history is pinned in the cache when it finishes, for the
+        session's next turn (which goes to the same attention rank)."""
         self.validate(prompt_ids, params)
+        if session_id is not None and params.n != 1:
+            raise ValueError("a session request has one sample: n must be 1")
         request_id = str(next(self._seq_ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt_ids = list(prompt_ids)
         seqs = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         seqs[0].forks = seqs[1:]  # they branch off when the prompt is done, sharing its blocks
-        rank = self._pick_rank(prompt_ids)
+        seqs[0].session_id = session_id
+        rank = self.sessions.rank_of(session_id) if session_id is not None else None
+        rank = self._pick_rank(prompt_ids) if rank is None else rank
         for seq in seqs:
             seq.rank = rank
         self.requests[request_id] = seqs
@@ -127,6 +137,10 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
+    def end_session(self, session_id: str) -> None:
+        """Lets go of a session's pinned history."""
+        self.sessions.drop(session_id)
+
     def stats(self) -> EngineStats:
         """Summed over the attention ranks (usage and hit rate over all their blocks and queries)."""
         scheds = self.schedulers
@@ -142,6 +156,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One forward pass: schedule -> run -> postprocess. Returns what each request gained."""
+        self.sessions.expire()
         scheduled = [sched.schedule() for sched in self.schedulers]  # per attention rank
         if not any(scheduled):
             return []
@@ -217,6 +232,8 @@ class LLMEngine:
         return CompletionOutput(seq.index, text, [token], logprobs, seq.finish_reason)
 
     def _finish(self, seq: Sequence) -> None:
+        if seq.session_id is not None and seq.finish_reason != "abort":
+            self.sessions.hold(seq.session_id, seq.rank, seq.block_hashes)
         self.schedulers[seq.rank].finish(seq)
         if seq.params.seed is not None:
             self.released[seq.rank].append(seq.seq_id)  # its generator, on the rank's sampler

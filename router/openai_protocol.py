@@ -38,6 +38,7 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
+    return_token_ids: bool = False  # vLLM's extension: the prompt's and the output's token ids in the response
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError (a 400) for values out of range."""
@@ -91,3 +92,9 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     tokens: list[int]
+
+
+class SessionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ttl_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)  # idle time before it expires

@@ -1,64 +1,62 @@
-"""The OpenAI-compatible HTTP front door (FastAPI), over an AsyncEngine.
+"""The OpenAI-compatible HTTP front door (FastAPI), over an engine client (an AsyncEngine in this process, or the
+Ray Serve engine replicas through EngineHandle).
 
-Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both streaming over SSE), /health, /metrics
-(Prometheus), /tokenize, /detokenize, and the OpenAPI schema at /openapi.json. Bad input is a 4xx with OpenAI's error body, saying what to
-fix; a client that disconnects aborts its generation (the engine stream's close does it).
+Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both streaming over SSE), /v1/sessions, /health,
+/metrics (Prometheus), /tokenize, /detokenize, and the OpenAPI schema at /openapi.json. Bad input is a 4xx with
+OpenAI's error body, saying what to fix; a client that disconnects aborts its generation (closing the engine
+stream does it).
+
+Sessions: POST /v1/sessions makes one; a request carries it in the X-Session-ID header and sends the whole
+conversation. The session's own tokens stand for the part it has seen (router/session_store.py), the engine keeps
+that history pinned in its cache, and the next turn prefills only what is new (usage.prompt_tokens_details.
+cached_tokens says how much was reused).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from router.async_engine import AsyncEngine, EngineError
+from router.async_engine import EngineBusy
+from router.body_limit import BodyLimit
 from router.metrics import Metrics
+from router.openai_errors import HTTPError, error_body
 from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
-                                    TokenizeRequest)
-from router.request_output import CompletionOutput, RequestOutput
+                                    SessionRequest, TokenizeRequest)
+from router.openai_responses import (chat_chunks, chat_logprobs, close_all, completion_chunks, completion_logprobs,
+                                     generate_all, sse, unless_disconnected, usage)
+from router.request_output import RequestOutput
+from router.session_store import Session, SessionError, SessionStore
 from workers.sampling_params import SamplingParams
 
-
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")  # DeepSeek-Coder's, V1 and V2
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
-
-
-def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+SESSION_HEADER = "x-session-id"
+PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
 
 
 @dataclass(frozen=True)
 class ServerLimits:
     api_keys: tuple[str, ...] = ()  # Bearer keys for /v1, /tokenize and /detokenize; none: open
-    max_waiting: int = 1024  # queued sequences beyond which new requests get 429 with Retry-After
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
-    retry_after_s: int = 1
+    retry_after_s: int = 1  # told to clients refused with 429 (the engine's queue is full)
 
 
-def build_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = ServerLimits()) -> FastAPI:
+def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(),
+              sessions: SessionStore | None = None) -> FastAPI:
+    """engine: AsyncEngine or EngineHandle (submit, stats, end_session, tokenizer, model_config, max_model_len)."""
     app = FastAPI(title="moe-serve", description="OpenAI-compatible API for DeepSeek models")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    core = engine.engine
     metrics = Metrics(engine.stats, model_name)
-
-    def generate(prompt: list[int], params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        return metrics.observe(engine.generate(prompt, params, request_id))
-    tokenizer = core.tokenizer
-    max_len = core.max_model_len
+    sessions = sessions or SessionStore()
+    tokenizer = engine.tokenizer
+    max_len = engine.max_model_len
 
     @app.exception_handler(HTTPError)
     async def _http_error(_, e: HTTPError):
@@ -74,19 +72,14 @@ def build_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = Serve
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        public = request.url.path in ("/health", "/metrics", "/docs", "/openapi.json")
-        if limits.api_keys and not public:
-            given = request.headers.get("authorization", "")
-            key = given[len("Bearer "):] if given.startswith("Bearer ") else None
+        if limits.api_keys and request.url.path not in PUBLIC_PATHS:
+            key = api_key(request)
             if key is None or not any(hmac.compare_digest(key, k) for k in limits.api_keys):
                 return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
                                                "authentication_error", 401), status_code=401)
         return await call_next(request)
 
-    def admit() -> None:
-        if engine.stats().waiting >= limits.max_waiting:
-            raise HTTPError(429, f"the server is busy ({limits.max_waiting} requests queued); retry shortly",
-                            "rate_limit_error")
+    # --- prompts ---
 
     def check_model(name: str | None) -> None:
         if name is not None and name != model_name:
@@ -113,18 +106,21 @@ def build_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = Serve
 
         return lambda prefix: tokenizer.encode(f"{begin}{prefix}{hole}{suffix}{end}")
 
-    def chat_ids(messages) -> list[int]:
+    def chat_text(messages: list[dict], add_generation_prompt: bool = True) -> str:
         need_tokenizer()
-        text = tokenizer.apply_chat_template([m.model_dump() for m in messages], add_generation_prompt=True,
-                                             tokenize=False)
-        return tokenizer.encode(text, add_special_tokens=False)  # the template writes the BOS itself
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 
-    def params_for(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None,
-                   logprobs: int | None) -> SamplingParams:
+    def chat_ids(text: str) -> list[int]:
+        return encode(text, add_special_tokens=False)  # the template writes the BOS itself
+
+    def params_for(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+                   session: Session | None = None) -> SamplingParams:
         longest = max(len(p) for p in prompts)
         if longest >= max_len:
-            raise HTTPError(400, f"the prompt has {longest} tokens; this model's context is {max_len} tokens, "
-                                 f"so at most {max_len - 1} prompt tokens", param="prompt")
+            held = f"session {session.session_id} has grown to {longest} tokens with this turn; " if session else \
+                f"the prompt has {longest} tokens; "
+            fix = "start a new session" if session else f"send at most {max_len - 1} prompt tokens"
+            raise HTTPError(400, f"{held}this model's context is {max_len} tokens: {fix}", param="prompt")
         room = max_len - longest
         if max_tokens is None:
             max_tokens = room
@@ -132,12 +128,29 @@ def build_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = Serve
             raise HTTPError(400, f"max_tokens is {max_tokens}, but the prompt ({longest} tokens) leaves room for "
                                  f"{room} in this model's {max_len}-token context", param="max_tokens")
         try:
-            params = req.sampling_params(max_tokens, logprobs)
-            for p in prompts:
-                core.validate(p, params)
+            return req.sampling_params(max_tokens, logprobs)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        return params
+
+    async def submit(prompts: list[list[int]], params: SamplingParams, rid: str, session: Session | None = None):
+        """The engine takes every prompt, or none (then a 4xx says why). A session is busy from here until
+        its turn ends (end_turn, or the stream's end)."""
+        taken = []
+        start_turn(session)
+        try:
+            for i, prompt in enumerate(prompts):
+                stream = await engine.submit(prompt, params, f"{rid}-{i}",
+                                             None if session is None else session.session_id)
+                taken.append(metrics.observe(stream))
+        except BaseException as e:
+            end_turn(session)
+            await close_all(taken)
+            if isinstance(e, EngineBusy):
+                raise HTTPError(429, str(e), "rate_limit_error") from None
+            if isinstance(e, ValueError):
+                raise HTTPError(400, str(e)) from None
+            raise
+        return taken
 
     def echo_text(prompt: list[int], text: str | None, params: SamplingParams) -> str:
         """The prompt as given, or, for token ids, their text."""
@@ -148,6 +161,67 @@ def build_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = Serve
 
     def token_text(token_id: int) -> str:
         return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+    # --- sessions ---
+
+    def session_of(request: Request) -> Session | None:
+        session_id = request.headers.get(SESSION_HEADER)
+        if session_id is None:
+            return None
+        try:
+            session = sessions.get(session_id, api_key(request))
+        except SessionError as e:
+            raise HTTPError(410 if e.expired else 404, str(e), "session_expired" if e.expired else
+                            "not_found_error") from None
+        if session.busy:
+            raise HTTPError(409, f"session {session_id} is already running a turn; wait for it to finish")
+        return session
+
+    def exact_tokens(out: RequestOutput, params: SamplingParams) -> bool:
+        """Whether the output's tokens match its text (not cut at a stop string)."""
+        c = out.outputs[0]
+        return c.finish_reason == "length" or (c.token_ids and (c.token_ids[-1] in params.stop_token_ids or
+                                                                c.token_ids[-1] == eos_id()))
+
+    def eos_id() -> int | None:
+        return None if tokenizer is None else tokenizer.eos_token_id
+
+    async def with_session(session: Session | None, chunks):
+        """A streamed turn: the session is free again when the stream ends, however it ends."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await chunks.aclose()
+            if session is not None:
+                session.busy = False
+
+    @app.post("/v1/sessions")
+    async def create_session(req: SessionRequest, request: Request):
+        session = sessions.create(api_key(request), req.ttl_s)
+        return session_body(session)
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str, request: Request):
+        try:
+            return session_body(sessions.get(session_id, api_key(request)))
+        except SessionError as e:
+            raise HTTPError(410 if e.expired else 404, str(e), "not_found_error") from None
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, request: Request):
+        try:
+            session = sessions.delete(session_id, api_key(request))
+        except SessionError as e:
+            raise HTTPError(410 if e.expired else 404, str(e), "not_found_error") from None
+        await engine.end_session(session.session_id)
+        return {"id": session.session_id, "object": "session", "deleted": True}
+
+    def session_body(session: Session) -> dict:
+        return {"id": session.session_id, "object": "session", "ttl_s": session.ttl_s,
+                "num_tokens": len(session.token_ids), "max_model_len": max_len}
+
+    # --- endpoints ---
 
     @app.get("/health")
     async def health():
@@ -167,14 +241,15 @@ def build_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = Serve
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise HTTPError(400, "give exactly one of 'prompt' or 'messages'")
-        ids = encode(req.prompt, req.add_special_tokens) if req.prompt is not None else chat_ids(req.messages)
+        ids = encode(req.prompt, req.add_special_tokens) if req.prompt is not None else \
+            chat_ids(chat_text([m.model_dump() for m in req.messages]))
         return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         check_model(req.model)
         need_tokenizer()
-        vocab = core.model_config.vocab_size
+        vocab = engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise HTTPError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": tokenizer.decode(req.tokens)}
@@ -182,87 +257,125 @@ def build_app(engine: AsyncEngine, model_name: str, limits: ServerLimits = Serve
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
-        admit()
+        session = session_of(request)
         if req.suffix is not None and not (isinstance(req.prompt, str) or all(isinstance(p, str) for p in req.prompt)):
             raise HTTPError(400, "with 'suffix', the prompt must be text", param="prompt")
-        prompts, texts = completion_prompts(req.prompt, encode if req.suffix is None else fim_encode(req.suffix))
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
             raise HTTPError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
-        params = params_for(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+        if session is not None:
+            if req.suffix is not None or req.n != 1 or not isinstance(req.prompt, str) and \
+                    not all(isinstance(p, int) for p in req.prompt):
+                raise HTTPError(400, "a session turn has one prompt (text or token ids), n = 1 and no suffix")
+            prompts, texts = [session_prompt(session, req.prompt)], [req.prompt if isinstance(req.prompt, str)
+                                                                      else None]
+        else:
+            prompts, texts = completion_prompts(req.prompt, encode if req.suffix is None else fim_encode(req.suffix))
+        params = params_for(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs, session)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+
+        def record(outs: list[RequestOutput]) -> None:
+            if session is None:
+                return
+            out = outs[0]
+            if texts[0] is None or not exact_tokens(out, params):
+                session.record("", prompts[0])
+            else:
+                session.record(texts[0] + out.outputs[0].text, prompts[0] + out.outputs[0].token_ids)
+
+        outputs = await submit(prompts, params, rid, session)
         if req.stream:
             echoes = [echo_text(p, t, params) for p, t in zip(prompts, texts)] if req.echo else None
-            return sse(completion_chunks(generate, prompts, params, rid, created, model_name, req, token_text, echoes))
-        outs = await unless_disconnected(request, generate_all(generate, prompts, params, rid))
+            return sse(with_session(session, completion_chunks(outputs, base, params.n, [len(p) for p in prompts],
+                                                               req.include_usage, token_text, echoes, record)))
+        try:
+            outs = await unless_disconnected(request, generate_all(outputs))
+            record(outs)
+        finally:
+            end_turn(session)
         choices = []
         for i, (prompt, text, out) in enumerate(zip(prompts, texts, outs)):
             prefix = echo_text(prompt, text, params) if req.echo else ""
             for c in out.outputs:
-                choices.append({"index": i * params.n + c.index, "text": prefix + c.text,
-                                "logprobs": completion_logprobs(c, token_text), "finish_reason": c.finish_reason})
-        return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(prompts, outs)}
+                choice = {"index": i * params.n + c.index, "text": prefix + c.text,
+                          "logprobs": completion_logprobs(c, token_text), "finish_reason": c.finish_reason}
+                if req.return_token_ids:
+                    choice.update(prompt_token_ids=prompt, token_ids=c.token_ids)
+                choices.append(choice)
+        return {**base, "choices": choices, "usage": usage([len(p) for p in prompts], outs)}
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
-        admit()
+        session = session_of(request)
         if req.top_logprobs is not None and not req.logprobs:
             raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        prompts = [chat_ids(req.messages)]
+        if session is not None and req.n != 1:
+            raise HTTPError(400, "a session turn has n = 1", param="n")
+        messages = [m.model_dump() for m in req.messages]
+        text = chat_text(messages)
+        prompt = chat_ids(text) if session is None else session.prompt_for(text, chat_ids, chat_ids)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = params_for(req, prompts, max_tokens, logprobs)
+        params = params_for(req, [prompt], max_tokens, logprobs, session)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+
+        def record(outs: list[RequestOutput]) -> None:
+            if session is None:
+                return
+            c = outs[0].outputs[0]
+            if not exact_tokens(outs[0], params):
+                session.record(text, prompt)
+                return
+            ids = prompt + c.token_ids
+            if ids[-1] != eos_id() and eos_id() is not None:
+                ids.append(eos_id())  # the template closes an assistant turn with EOS
+            session.record(chat_text(messages + [{"role": "assistant", "content": c.text}], False), ids)
+
+        outputs = await submit([prompt], params, rid, session)
         if req.stream:
-            return sse(chat_chunks(generate, prompts[0], params, rid, created, model_name, req, token_text))
-        (out,) = await unless_disconnected(request, generate_all(generate, prompts, params, rid))
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c, token_text), "finish_reason": c.finish_reason}
-                   for c in out.outputs]
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": choices, "usage": usage(prompts, [out])}
+            return sse(with_session(session, chat_chunks(outputs, base, params.n, len(prompt), req.include_usage,
+                                                         token_text, record)))
+        try:
+            (out,) = await unless_disconnected(request, generate_all(outputs))
+            record([out])
+        finally:
+            end_turn(session)
+        choices = []
+        for c in out.outputs:
+            choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
+                      "logprobs": chat_logprobs(c, token_text), "finish_reason": c.finish_reason}
+            if req.return_token_ids:
+                choice["token_ids"] = c.token_ids
+            choices.append(choice)
+        body = {**base, "object": "chat.completion", "choices": choices, "usage": usage([len(prompt)], [out])}
+        if req.return_token_ids:
+            body["prompt_token_ids"] = prompt
+        return body
+
+    def session_prompt(session: Session, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return session.prompt_for(prompt, lambda rest: encode(rest, False), encode)
+        return list(prompt)
 
     return app
 
 
-class BodyLimit:
-    """ASGI middleware: a request body over max_bytes gets 413, declared (Content-Length) or streamed."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", ())).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise BodyTooLarge
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await self._refuse(send)
-
-    async def _refuse(self, send):
-        body = json.dumps(error_body(f"the request body is over {self.max_bytes} bytes", "invalid_request_error",
-                                     413)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+def start_turn(session: Session | None) -> Session | None:
+    if session is not None:
+        session.busy = True
+    return session
 
 
-class BodyTooLarge(Exception):
-    pass
+def end_turn(session: Session | None) -> None:
+    if session is not None:
+        session.busy = False
+
+
+def api_key(request: Request) -> str | None:
+    given = request.headers.get("authorization", "")
+    return given[len("Bearer "):] if given.startswith("Bearer ") else None
 
 
 def completion_prompts(prompt, encode) -> tuple[list[list[int]], list[str | None]]:
@@ -277,138 +390,3 @@ def completion_prompts(prompt, encode) -> tuple[list[list[int]], list[str | None
     if any(not p for p in ids):
         raise HTTPError(400, "a prompt in the list is empty", param="prompt")
     return ids, [p if isinstance(p, str) else None for p in prompt]
-
-
-async def generate_all(generate, prompts: list[list[int]], params: SamplingParams,
-                       rid: str) -> list[RequestOutput]:
-    """Every prompt to completion, concurrently; each one's merged output."""
-    async def one(i: int, prompt: list[int]) -> RequestOutput:
-        merged = None
-        async for out in generate(prompt, params, f"{rid}-{i}"):
-            merged = out if merged is None else merged.merge(out)
-        return merged
-
-    try:
-        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
-    except EngineError as e:
-        raise HTTPError(500, str(e), "server_error") from None
-
-
-async def unless_disconnected(request: Request, work):
-    """Awaits work, but cancels it (aborting its requests) if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.5)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            raise HTTPError(499, "the client closed the connection")
-
-
-async def streams(generate, prompts: list[list[int]], params: SamplingParams,
-                  rid: str) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) as they come, from all prompts at once; closing it aborts them all."""
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, prompt: list[int]) -> None:
-        try:
-            async for out in generate(prompt, params, f"{rid}-{i}"):
-                await queue.put((i, out))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            await queue.put(e)
-        await queue.put(done)
-
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()  # a client that went away: each engine stream closes, which aborts its request
-
-
-def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
-    async def body():
-        try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-        except EngineError as e:
-            yield f"data: {json.dumps(error_body(str(e), 'server_error', 500))}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream")
-
-
-async def completion_chunks(generate, prompts, params, rid, created, model, req, token_text,
-                            echoes: list[str] | None) -> AsyncIterator[dict]:
-    base = {"id": rid, "object": "text_completion", "created": created, "model": model}
-    finals: dict[int, RequestOutput] = {}
-    for i, echo in enumerate(echoes or []):
-        for j in range(params.n):
-            yield {**base, "choices": [{"index": i * params.n + j, "text": echo, "logprobs": None,
-                                        "finish_reason": None}]}
-    async for i, out in streams(generate, prompts, params, rid):
-        finals[i] = out if i not in finals else finals[i].merge(out)
-        choices = [{"index": i * params.n + c.index, "text": c.text,
-                    "logprobs": completion_logprobs(c, token_text), "finish_reason": c.finish_reason}
-                   for c in out.outputs]
-        yield {**base, "choices": choices}
-    if req.include_usage:
-        yield {**base, "choices": [], "usage": usage(prompts, [finals[i] for i in range(len(prompts))])}
-
-
-async def chat_chunks(generate, prompt, params, rid, created, model, req, token_text) -> AsyncIterator[dict]:
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
-    final = None
-    for j in range(params.n):
-        yield {**base, "choices": [{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                    "finish_reason": None}]}
-    async for _, out in streams(generate, [prompt], params, rid):
-        final = out if final is None else final.merge(out)
-        choices = [{"index": c.index, "delta": {"content": c.text} if c.text else {},
-                    "logprobs": chat_logprobs(c, token_text), "finish_reason": c.finish_reason}
-                   for c in out.outputs]
-        yield {**base, "choices": choices}
-    if req.include_usage:
-        yield {**base, "choices": [], "usage": usage([prompt], [final])}
-
-
-def usage(prompts: list[list[int]], outs: list[RequestOutput]) -> dict:
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion_tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": sum(o.num_cached_tokens for o in outs)}}
-
-
-def completion_logprobs(c: CompletionOutput, token_text) -> dict | None:
-    if c.logprobs is None:
-        return None
-    tokens = [token_text(lp.token_id) for lp in c.logprobs]
-    offsets, at = [], 0
-    for t in tokens:
-        offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in c.logprobs],
-            "top_logprobs": [{token_text(t): v for t, v in lp.top} for lp in c.logprobs], "text_offset": offsets}
-
-
-def chat_logprobs(c: CompletionOutput, token_text) -> dict | None:
-    if c.logprobs is None:
-        return None
-
-    def entry(token_id: int, logprob: float) -> dict:
-        text = token_text(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "surrogatepass"))}
-
-    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
-                        for lp in c.logprobs]}

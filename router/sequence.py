@@ -16,6 +16,7 @@ class Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     rank: int = 0  # the attention rank that holds its cache
+    session_id: str | None = None  # its history is pinned in the cache for the session's next turn
     output_ids: list[int] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks computed so far

@@ -194,9 +194,14 @@ def test_api_keys_body_limit_and_queue_limit():
             big = {**body, "prompt": list(range(1, 900))}
             r = http.post("/v1/completions", json=big, headers={"Authorization": "Bearer k1"})
             assert r.status_code == 413 and "over 2000 bytes" in r.json()["error"]["message"]
-        full = build_app(engine, "fake", ServerLimits(max_waiting=0))
-        with TestClient(full) as http:
-            r = http.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
-            assert r.status_code == 429 and r.headers["retry-after"] == "1"
     finally:
         engine.shutdown()
+    full = AsyncEngine(fake_engine(max_waiting=0))
+    try:
+        with TestClient(build_app(full, "fake")) as http:
+            r = http.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]["message"]
+            r = http.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2, "stream": True})
+            assert r.status_code == 429
+    finally:
+        full.shutdown()

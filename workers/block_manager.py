@@ -92,6 +92,18 @@ class BlockManager:
                 block.hash, block.token_ids = h, tokens
                 self.cached[h] = block.block_id
 
+    def pin(self, hashes: list[int]) -> list[int]:
+        """References on the cached blocks of a hash chain, as far as it is still cached (a session holding its
+        history between turns). Give them back with release()."""
+        pinned = []
+        for h in hashes:
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            self._ref(block_id)
+            pinned.append(block_id)
+        return pinned
+
     # --- allocation ---
 
     def blocks_needed(self, block_table: list[int], num_tokens: int) -> int:
