@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from router.openai_errors import error_body
+from router.request_error import error_body
 
 
 class BodyLimit:

@@ -16,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from router.async_engine import EngineError
-from router.openai_errors import HTTPError, error_body
+from router.request_error import RequestError, error_body
 from router.request_output import CompletionOutput, RequestOutput
 
 Outputs = AsyncIterator[RequestOutput]
@@ -33,7 +33,7 @@ async def generate_all(outputs: list[Outputs]) -> list[RequestOutput]:
     try:
         return list(await asyncio.gather(*(one(s) for s in outputs)))
     except EngineError as e:
-        raise HTTPError(500, str(e), "server_error") from None
+        raise RequestError(500, str(e), "server_error") from None
     finally:
         await close_all(outputs)
 
@@ -52,7 +52,7 @@ async def unless_disconnected(request: Request, work):
             return task.result()
         if await request.is_disconnected():
             task.cancel()
-            raise HTTPError(499, "the client closed the connection")
+            raise RequestError(499, "the client closed the connection")
 
 
 async def merged_streams(outputs: list[Outputs]) -> AsyncIterator[tuple[int, RequestOutput]]:

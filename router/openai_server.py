@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP front door (FastAPI), over an engine client (an AsyncEngine in this process, or the
-Ray Serve engine replicas through EngineHandle).
+"""The OpenAI-compatible HTTP front door (FastAPI), over an engine client: an AsyncEngine in this process, or the
+Ray Serve engine replicas through EngineHandle.
 
 Endpoints: /v1/models, /v1/completions, /v1/chat/completions (both streaming over SSE), /v1/sessions, /health,
 /metrics (Prometheus), /tokenize, /detokenize, and the OpenAPI schema at /openapi.json. Bad input is a 4xx with
@@ -24,20 +24,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from router.async_engine import EngineBusy
 from router.body_limit import BodyLimit
+from router.frontend import Frontend, session_error
 from router.metrics import Metrics
-from router.openai_errors import HTTPError, error_body
-from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
-                                    SessionRequest, TokenizeRequest)
-from router.openai_responses import (chat_chunks, chat_logprobs, close_all, completion_chunks, completion_logprobs,
+from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SessionRequest,
+                                    TokenizeRequest)
+from router.openai_responses import (chat_chunks, chat_logprobs, completion_chunks, completion_logprobs,
                                      generate_all, sse, unless_disconnected, usage)
-from router.request_output import RequestOutput
+from router.request_error import RequestError, error_body
 from router.session_store import Session, SessionError, SessionStore
-from workers.sampling_params import SamplingParams
 
-FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")  # DeepSeek-Coder's, V1 and V2
-SESSION_HEADER = "x-session-id"
+SESSION_HEADER = "x-session-id"  # the header Ray Serve's session routing reads too
 PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
 
 
@@ -48,18 +45,16 @@ class ServerLimits:
     retry_after_s: int = 1  # told to clients refused with 429 (the engine's queue is full)
 
 
-def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(),
-              sessions: SessionStore | None = None) -> FastAPI:
+def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), sessions: SessionStore | None = None,
+              metrics: Metrics | None = None) -> FastAPI:
     """engine: AsyncEngine or EngineHandle (submit, stats, end_session, tokenizer, model_config, max_model_len)."""
     app = FastAPI(title="moe-serve", description="OpenAI-compatible API for DeepSeek models")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    metrics = Metrics(engine.stats, model_name)
-    sessions = sessions or SessionStore()
-    tokenizer = engine.tokenizer
-    max_len = engine.max_model_len
+    metrics = metrics or Metrics(engine.stats, model_name)
+    front = Frontend(engine, model_name, sessions or SessionStore(), metrics.observe)
 
-    @app.exception_handler(HTTPError)
-    async def _http_error(_, e: HTTPError):
+    @app.exception_handler(RequestError)
+    async def _refused(_, e: RequestError):
         headers = {"Retry-After": str(limits.retry_after_s)} if e.status == 429 else None
         return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status, headers=headers)
 
@@ -79,149 +74,8 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(),
                                                "authentication_error", 401), status_code=401)
         return await call_next(request)
 
-    # --- prompts ---
-
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise HTTPError(404, f"the model '{name}' does not exist; this server serves '{model_name}'",
-                            "not_found_error", "model")
-
-    def need_tokenizer() -> None:
-        if tokenizer is None:
-            raise HTTPError(400, "this model ships no tokenizer: give token ids as the prompt")
-
-    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
-        need_tokenizer()
-        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def fim_encode(suffix: str):
-        """Fill-in-the-middle: the prompt is the code before the hole, `suffix` the code after it, in the model's
-        own FIM tokens (DeepSeek-Coder: <｜fim▁begin｜>before<｜fim▁hole｜>after<｜fim▁end｜>)."""
-        need_tokenizer()
-        vocab = tokenizer.get_vocab()
-        if any(t not in vocab for t in FIM_TOKENS):
-            raise HTTPError(400, "this model has no fill-in-the-middle tokens, so 'suffix' cannot be used",
-                            param="suffix")
-        begin, hole, end = FIM_TOKENS
-
-        return lambda prefix: tokenizer.encode(f"{begin}{prefix}{hole}{suffix}{end}")
-
-    def chat_text(messages: list[dict], add_generation_prompt: bool = True) -> str:
-        need_tokenizer()
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-
-    def chat_ids(text: str) -> list[int]:
-        return encode(text, add_special_tokens=False)  # the template writes the BOS itself
-
-    def params_for(req: SamplingFields, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-                   session: Session | None = None) -> SamplingParams:
-        longest = max(len(p) for p in prompts)
-        if longest >= max_len:
-            held = f"session {session.session_id} has grown to {longest} tokens with this turn; " if session else \
-                f"the prompt has {longest} tokens; "
-            fix = "start a new session" if session else f"send at most {max_len - 1} prompt tokens"
-            raise HTTPError(400, f"{held}this model's context is {max_len} tokens: {fix}", param="prompt")
-        room = max_len - longest
-        if max_tokens is None:
-            max_tokens = room
-        elif max_tokens > room:
-            raise HTTPError(400, f"max_tokens is {max_tokens}, but the prompt ({longest} tokens) leaves room for "
-                                 f"{room} in this model's {max_len}-token context", param="max_tokens")
-        try:
-            return req.sampling_params(max_tokens, logprobs)
-        except ValueError as e:
-            raise HTTPError(400, str(e)) from None
-
-    async def submit(prompts: list[list[int]], params: SamplingParams, rid: str, session: Session | None = None):
-        """The engine takes every prompt, or none (then a 4xx says why). A session is busy from here until
-        its turn ends (end_turn, or the stream's end)."""
-        taken = []
-        start_turn(session)
-        try:
-            for i, prompt in enumerate(prompts):
-                stream = await engine.submit(prompt, params, f"{rid}-{i}",
-                                             None if session is None else session.session_id)
-                taken.append(metrics.observe(stream))
-        except BaseException as e:
-            end_turn(session)
-            await close_all(taken)
-            if isinstance(e, EngineBusy):
-                raise HTTPError(429, str(e), "rate_limit_error") from None
-            if isinstance(e, ValueError):
-                raise HTTPError(400, str(e)) from None
-            raise
-        return taken
-
-    def echo_text(prompt: list[int], text: str | None, params: SamplingParams) -> str:
-        """The prompt as given, or, for token ids, their text."""
-        if text is not None:
-            return text
-        need_tokenizer()
-        return tokenizer.decode(prompt, skip_special_tokens=params.skip_special_tokens)
-
-    def token_text(token_id: int) -> str:
-        return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
-
-    # --- sessions ---
-
     def session_of(request: Request) -> Session | None:
-        session_id = request.headers.get(SESSION_HEADER)
-        if session_id is None:
-            return None
-        try:
-            session = sessions.get(session_id, api_key(request))
-        except SessionError as e:
-            raise HTTPError(410 if e.expired else 404, str(e), "session_expired" if e.expired else
-                            "not_found_error") from None
-        if session.busy:
-            raise HTTPError(409, f"session {session_id} is already running a turn; wait for it to finish")
-        return session
-
-    def exact_tokens(out: RequestOutput, params: SamplingParams) -> bool:
-        """Whether the output's tokens match its text (not cut at a stop string)."""
-        c = out.outputs[0]
-        return c.finish_reason == "length" or (c.token_ids and (c.token_ids[-1] in params.stop_token_ids or
-                                                                c.token_ids[-1] == eos_id()))
-
-    def eos_id() -> int | None:
-        return None if tokenizer is None else tokenizer.eos_token_id
-
-    async def with_session(session: Session | None, chunks):
-        """A streamed turn: the session is free again when the stream ends, however it ends."""
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            await chunks.aclose()
-            if session is not None:
-                session.busy = False
-
-    @app.post("/v1/sessions")
-    async def create_session(req: SessionRequest, request: Request):
-        session = sessions.create(api_key(request), req.ttl_s)
-        return session_body(session)
-
-    @app.get("/v1/sessions/{session_id}")
-    async def get_session(session_id: str, request: Request):
-        try:
-            return session_body(sessions.get(session_id, api_key(request)))
-        except SessionError as e:
-            raise HTTPError(410 if e.expired else 404, str(e), "not_found_error") from None
-
-    @app.delete("/v1/sessions/{session_id}")
-    async def delete_session(session_id: str, request: Request):
-        try:
-            session = sessions.delete(session_id, api_key(request))
-        except SessionError as e:
-            raise HTTPError(410 if e.expired else 404, str(e), "not_found_error") from None
-        await engine.end_session(session.session_id)
-        return {"id": session.session_id, "object": "session", "deleted": True}
-
-    def session_body(session: Session) -> dict:
-        return {"id": session.session_id, "object": "session", "ttl_s": session.ttl_s,
-                "num_tokens": len(session.token_ids), "max_model_len": max_len}
-
-    # --- endpoints ---
+        return front.session(request.headers.get(SESSION_HEADER), api_key(request))
 
     @app.get("/health")
     async def health():
@@ -234,71 +88,85 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(),
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "moe-serve", "max_model_len": max_len}]}
+                                            "owned_by": "moe-serve", "max_model_len": front.max_len}]}
+
+    @app.post("/v1/sessions")
+    async def create_session(req: SessionRequest, request: Request):
+        return session_body(front.sessions.create(api_key(request), req.ttl_s), front.max_len)
+
+    @app.get("/v1/sessions/{session_id}")
+    async def get_session(session_id: str, request: Request):
+        try:
+            return session_body(front.sessions.get(session_id, api_key(request)), front.max_len)
+        except SessionError as e:
+            raise session_error(e) from None
+
+    @app.delete("/v1/sessions/{session_id}")
+    async def delete_session(session_id: str, request: Request):
+        await front.end_session(session_id, api_key(request))
+        return {"id": session_id, "object": "session", "deleted": True}
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
-        check_model(req.model)
+        front.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
-            raise HTTPError(400, "give exactly one of 'prompt' or 'messages'")
-        ids = encode(req.prompt, req.add_special_tokens) if req.prompt is not None else \
-            chat_ids(chat_text([m.model_dump() for m in req.messages]))
-        return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
+            raise RequestError(400, "give exactly one of 'prompt' or 'messages'")
+        ids = front.encode(req.prompt, req.add_special_tokens) if req.prompt is not None else \
+            front.chat_prompt([m.model_dump() for m in req.messages], None)[0]
+        return {"tokens": ids, "count": len(ids), "max_model_len": front.max_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
-        check_model(req.model)
-        need_tokenizer()
+        front.check_model(req.model)
+        front.need_tokenizer()
         vocab = engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
-            raise HTTPError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": tokenizer.decode(req.tokens)}
+            raise RequestError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": front.tokenizer.decode(req.tokens)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        check_model(req.model)
+        front.check_model(req.model)
         session = session_of(request)
-        if req.suffix is not None and not (isinstance(req.prompt, str) or all(isinstance(p, str) for p in req.prompt)):
-            raise HTTPError(400, "with 'suffix', the prompt must be text", param="prompt")
+        text_only = isinstance(req.prompt, str) or all(isinstance(p, str) for p in req.prompt)
+        if req.suffix is not None and not text_only:
+            raise RequestError(400, "with 'suffix', the prompt must be text", param="prompt")
         if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise HTTPError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
-        if session is not None:
-            if req.suffix is not None or req.n != 1 or not isinstance(req.prompt, str) and \
-                    not all(isinstance(p, int) for p in req.prompt):
-                raise HTTPError(400, "a session turn has one prompt (text or token ids), n = 1 and no suffix")
-            prompts, texts = [session_prompt(session, req.prompt)], [req.prompt if isinstance(req.prompt, str)
-                                                                      else None]
+            raise RequestError(400, f"logprobs must be in [0, 20], got {req.logprobs}", param="logprobs")
+        if session is None:
+            prompts, texts = completion_prompts(req.prompt, front.encode if req.suffix is None else
+                                                front.fim_encoder(req.suffix))
+        elif req.suffix is not None or req.n != 1 or not (isinstance(req.prompt, str) or
+                                                          all(isinstance(p, int) for p in req.prompt)):
+            raise RequestError(400, "a session turn has one prompt (text or token ids), n = 1 and no suffix")
         else:
-            prompts, texts = completion_prompts(req.prompt, encode if req.suffix is None else fim_encode(req.suffix))
-        params = params_for(req, prompts, 16 if req.max_tokens is None else req.max_tokens, req.logprobs, session)
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+            prompts = [front.session_prompt(session, req.prompt)]
+            texts = [req.prompt if isinstance(req.prompt, str) else None]
+        params = sampling(req, front.max_tokens(prompts, 16 if req.max_tokens is None else req.max_tokens, session),
+                          req.logprobs)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name}
 
-        def record(outs: list[RequestOutput]) -> None:
-            if session is None:
-                return
-            out = outs[0]
-            if texts[0] is None or not exact_tokens(out, params):
-                session.record("", prompts[0])
-            else:
-                session.record(texts[0] + out.outputs[0].text, prompts[0] + out.outputs[0].token_ids)
+        def record(outs):
+            front.record_completion(session, texts[0], prompts[0], outs[0], params)
 
-        outputs = await submit(prompts, params, rid, session)
+        outputs = await front.submit(prompts, params, rid, session)
         if req.stream:
-            echoes = [echo_text(p, t, params) for p, t in zip(prompts, texts)] if req.echo else None
-            return sse(with_session(session, completion_chunks(outputs, base, params.n, [len(p) for p in prompts],
-                                                               req.include_usage, token_text, echoes, record)))
+            echoes = [front.echo_text(p, t, params) for p, t in zip(prompts, texts)] if req.echo else None
+            chunks = completion_chunks(outputs, base, params.n, [len(p) for p in prompts], req.include_usage,
+                                       front.token_text, echoes, record)
+            return sse(turn(front, session, chunks))
         try:
             outs = await unless_disconnected(request, generate_all(outputs))
             record(outs)
         finally:
-            end_turn(session)
+            front.end_turn(session)
         choices = []
         for i, (prompt, text, out) in enumerate(zip(prompts, texts, outs)):
-            prefix = echo_text(prompt, text, params) if req.echo else ""
+            prefix = front.echo_text(prompt, text, params) if req.echo else ""
             for c in out.outputs:
                 choice = {"index": i * params.n + c.index, "text": prefix + c.text,
-                          "logprobs": completion_logprobs(c, token_text), "finish_reason": c.finish_reason}
+                          "logprobs": completion_logprobs(c, front.token_text), "finish_reason": c.finish_reason}
                 if req.return_token_ids:
                     choice.update(prompt_token_ids=prompt, token_ids=c.token_ids)
                 choices.append(choice)
@@ -306,46 +174,36 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(),
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
-        check_model(req.model)
+        front.check_model(req.model)
         session = session_of(request)
         if req.top_logprobs is not None and not req.logprobs:
-            raise HTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+            raise RequestError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if session is not None and req.n != 1:
-            raise HTTPError(400, "a session turn has n = 1", param="n")
+            raise RequestError(400, "a session turn has n = 1", param="n")
         messages = [m.model_dump() for m in req.messages]
-        text = chat_text(messages)
-        prompt = chat_ids(text) if session is None else session.prompt_for(text, chat_ids, chat_ids)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = params_for(req, [prompt], max_tokens, logprobs, session)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name}
+        prompt, text = front.chat_prompt(messages, session)
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = sampling(req, front.max_tokens([prompt], requested, session),
+                          (req.top_logprobs or 0) if req.logprobs else None)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        base = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name}
 
-        def record(outs: list[RequestOutput]) -> None:
-            if session is None:
-                return
-            c = outs[0].outputs[0]
-            if not exact_tokens(outs[0], params):
-                session.record(text, prompt)
-                return
-            ids = prompt + c.token_ids
-            if ids[-1] != eos_id() and eos_id() is not None:
-                ids.append(eos_id())  # the template closes an assistant turn with EOS
-            session.record(chat_text(messages + [{"role": "assistant", "content": c.text}], False), ids)
+        def record(outs):
+            front.record_chat(session, messages, text, prompt, outs[0], params)
 
-        outputs = await submit([prompt], params, rid, session)
+        outputs = await front.submit([prompt], params, rid, session)
         if req.stream:
-            return sse(with_session(session, chat_chunks(outputs, base, params.n, len(prompt), req.include_usage,
-                                                         token_text, record)))
+            chunks = chat_chunks(outputs, base, params.n, len(prompt), req.include_usage, front.token_text, record)
+            return sse(turn(front, session, chunks))
         try:
             (out,) = await unless_disconnected(request, generate_all(outputs))
             record([out])
         finally:
-            end_turn(session)
+            front.end_turn(session)
         choices = []
         for c in out.outputs:
             choice = {"index": c.index, "message": {"role": "assistant", "content": c.text},
-                      "logprobs": chat_logprobs(c, token_text), "finish_reason": c.finish_reason}
+                      "logprobs": chat_logprobs(c, front.token_text), "finish_reason": c.finish_reason}
             if req.return_token_ids:
                 choice["token_ids"] = c.token_ids
             choices.append(choice)
@@ -354,23 +212,29 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(),
             body["prompt_token_ids"] = prompt
         return body
 
-    def session_prompt(session: Session, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return session.prompt_for(prompt, lambda rest: encode(rest, False), encode)
-        return list(prompt)
-
     return app
 
 
-def start_turn(session: Session | None) -> Session | None:
-    if session is not None:
-        session.busy = True
-    return session
+def sampling(req, max_tokens: int, logprobs: int | None):
+    try:
+        return req.sampling_params(max_tokens, logprobs)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from None
 
 
-def end_turn(session: Session | None) -> None:
-    if session is not None:
-        session.busy = False
+async def turn(front: Frontend, session: Session | None, chunks):
+    """A streamed turn: the session is free again when the stream ends, however it ends."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        await chunks.aclose()
+        front.end_turn(session)
+
+
+def session_body(session: Session, max_len: int) -> dict:
+    return {"id": session.session_id, "object": "session", "ttl_s": session.ttl_s,
+            "num_tokens": len(session.token_ids), "max_model_len": max_len}
 
 
 def api_key(request: Request) -> str | None:
@@ -383,10 +247,10 @@ def completion_prompts(prompt, encode) -> tuple[list[list[int]], list[str | None
     if isinstance(prompt, str):
         prompt = [prompt]
     elif not prompt:
-        raise HTTPError(400, "the prompt is empty", param="prompt")
+        raise RequestError(400, "the prompt is empty", param="prompt")
     elif all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
     ids = [list(p) if isinstance(p, list) else encode(p) for p in prompt]
     if any(not p for p in ids):
-        raise HTTPError(400, "a prompt in the list is empty", param="prompt")
+        raise RequestError(400, "a prompt in the list is empty", param="prompt")
     return ids, [p if isinstance(p, str) else None for p in prompt]

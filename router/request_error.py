@@ -1,9 +1,10 @@
-"""HTTPError and OpenAI's error body: every refusal says what to fix."""
+"""RequestError: a refused request, with the HTTP status and OpenAI's error body; every refusal says what to fix.
+The gRPC door maps the status to a gRPC code."""
 
 from __future__ import annotations
 
 
-class HTTPError(Exception):
+class RequestError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param

@@ -1,0 +1,75 @@
+"""serve_grpc: a grpc.aio server for the MoeServe service, with the standard grpc.health.v1 service and server
+reflection beside it. GrpcServicer's refusals (RequestError) and engine failures become gRPC status codes here.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from proto import moe_serve_pb2 as pb
+from proto import moe_serve_pb2_grpc as pb_grpc
+from router.async_engine import EngineError
+from router.grpc_servicer import GrpcServicer, status_code
+from router.request_error import RequestError
+
+SERVICE = pb.DESCRIPTOR.services_by_name["MoeServe"].full_name  # moe_serve.v1.MoeServe
+
+
+class AioMoeServe(pb_grpc.MoeServeServicer):
+    """GrpcServicer behind grpc.aio: metadata in, status codes out."""
+
+    def __init__(self, servicer: GrpcServicer):
+        self.servicer = servicer
+
+    async def _unary(self, method, request, context):
+        try:
+            return await method(request, context.invocation_metadata())
+        except RequestError as e:
+            await context.abort(status_code(e), e.message)
+        except EngineError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+
+    async def _stream(self, method, request, context):
+        try:
+            async for response in method(request, context.invocation_metadata()):
+                yield response
+        except RequestError as e:
+            await context.abort(status_code(e), e.message)
+        except EngineError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+
+    async def Generate(self, request, context):
+        async for response in self._stream(self.servicer.Generate, request, context):
+            yield response
+
+    async def Chat(self, request, context):
+        async for response in self._stream(self.servicer.Chat, request, context):
+            yield response
+
+    async def Abort(self, request, context):
+        return await self._unary(self.servicer.Abort, request, context)
+
+    async def Tokenize(self, request, context):
+        return await self._unary(self.servicer.Tokenize, request, context)
+
+    async def CreateSession(self, request, context):
+        return await self._unary(self.servicer.CreateSession, request, context)
+
+    async def DeleteSession(self, request, context):
+        return await self._unary(self.servicer.DeleteSession, request, context)
+
+
+async def serve_grpc(servicer: GrpcServicer, host: str = "127.0.0.1", port: int = 0) -> tuple[grpc.aio.Server, int]:
+    """Starts the server (MoeServe, grpc.health.v1, reflection); returns it and the port it listens on."""
+    server = grpc.aio.server()
+    pb_grpc.add_MoeServeServicer_to_server(AioMoeServe(servicer), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound
