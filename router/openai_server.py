@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
 
 from router.body_limit import BodyLimit
 from router.frontend import Frontend, session_error
@@ -58,10 +59,16 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
         headers = {"Retry-After": str(limits.retry_after_s)} if e.status == 429 else None
         return JSONResponse(error_body(e.message, e.kind, e.status, e.param), status_code=e.status, headers=headers)
 
+    @app.exception_handler(HTTPException)
+    async def _routing(_, e: HTTPException):  # unknown paths, wrong methods: OpenAI's error body too
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", e.status_code), status_code=e.status_code,
+                            headers=e.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        errors = e.errors()  # a union gives one per member; a failed check of ours says the most
+        first = next((x for x in errors if x.get("type") == "value_error"), errors[0] if errors else {})
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p))
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse(error_body(message, "invalid_request_error", 400, where or None), status_code=400)
 
