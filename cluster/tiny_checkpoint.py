@@ -71,11 +71,13 @@ def _hf_rope(kw: dict) -> dict:
     return kw
 
 
-def make_checkpoint(kind: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Saves a random transformers model of `kind` to `out` in the published layout; returns out."""
+def make_checkpoint(kind: str, out: Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """Saves a random transformers model of `kind` to `out` in the published layout; returns out. overrides
+    replace config fields (e.g. max_position_embeddings and rope_scaling for a 128K-token miniature)."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
     arch, kw = SHAPES[kind]
+    kw = {**kw, **overrides}
     torch.manual_seed(seed)
     if arch == "deepseek_v2":
         model = DeepseekV2ForCausalLM(DeepseekV2Config(**_hf_rope(kw)))

@@ -91,7 +91,13 @@ class AsyncEngine:
         """As of the last step."""
         return self._stats
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
+
     def shutdown(self) -> None:
+        if self._stopped:
+            return
         self._stopped = True
         self._wake.set()
         self._thread.join(timeout=10)

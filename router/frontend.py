@@ -7,6 +7,7 @@ Refusals are RequestErrors carrying an HTTP status; the gRPC door maps them to s
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from typing import NamedTuple
 
 from router.async_engine import EngineBusy
 from router.request_error import RequestError
@@ -15,6 +16,11 @@ from router.session_store import Session, SessionError, SessionStore
 from workers.sampling_params import SamplingParams
 
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")  # DeepSeek-Coder's, V1 and V2
+
+
+class Submitted(NamedTuple):
+    outputs: list[AsyncIterator[RequestOutput]]  # one stream per prompt
+    replica: str | None  # the engine replica that took them (Ray Serve), for the X-Moe-Serve-Replica header
 
 
 class Frontend:
@@ -96,16 +102,17 @@ class Frontend:
     # --- the engine ---
 
     async def submit(self, prompts: list[list[int]], params: SamplingParams, rid: str,
-                     session: Session | None = None) -> list[AsyncIterator[RequestOutput]]:
+                     session: Session | None = None) -> Submitted:
         """The engine takes every prompt, or none (then a RequestError says why). A session is busy from here
         until end_turn()."""
-        taken = []
+        taken, replica = [], None
         if session is not None:
             session.busy = True
         try:
             for i, prompt in enumerate(prompts):
                 stream = await self.engine.submit(prompt, params, f"{rid}-{i}",
                                                   None if session is None else session.session_id)
+                replica = getattr(stream, "replica", replica)
                 taken.append(self.observe(stream))
         except BaseException as e:
             self.end_turn(session)
@@ -116,7 +123,7 @@ class Frontend:
             if isinstance(e, ValueError):
                 raise RequestError(400, str(e)) from None
             raise
-        return taken
+        return Submitted(taken, replica)
 
     # --- sessions ---
 

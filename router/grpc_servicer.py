@@ -45,7 +45,9 @@ class GrpcServicer:
         it is missing or wrong."""
         given = dict(metadata or ()).get("authorization", "")
         key = given[len("Bearer "):] if given.startswith("Bearer ") else None
-        if self.api_keys and (key is None or not any(hmac.compare_digest(key, k) for k in self.api_keys)):
+        if not self.api_keys:
+            return None  # an open server: sessions belong to no one in particular
+        if key is None or not any(hmac.compare_digest(key, k) for k in self.api_keys):
             raise RequestError(401, "missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
         return key
 
@@ -141,7 +143,7 @@ class GrpcServicer:
         rid = request_id or f"grpc-{uuid.uuid4().hex}"
         if rid in self.running:
             raise RequestError(400, f"request id {rid!r} is already running; give each request its own")
-        streams = await self.front.submit([prompt], params, rid, session)
+        streams, _ = await self.front.submit([prompt], params, rid, session)
         call = self.running[rid] = asyncio.current_task()
         final = None
         try:

@@ -150,7 +150,9 @@ class LLMEngine:
         return EngineStats(sum(len(s.running) for s in scheds), sum(len(s.waiting) for s in scheds),
                            sum(b.usage * b.num_blocks for b in managers) / num_blocks,
                            sum(b.prefix_hits for b in managers) / queries if queries else 0.0,
-                           sum(s.num_preemptions for s in scheds), num_blocks, self.executor.block_size)
+                           sum(s.num_preemptions for s in scheds), num_blocks, self.executor.block_size,
+                           sum(q.num_to_compute + q.params.max_tokens - len(q.output_ids)
+                               for s in scheds for q in (*s.running, *s.waiting)))
 
     # --- the hot path ---
 

@@ -85,7 +85,7 @@ async def merged_streams(outputs: list[Outputs]) -> AsyncIterator[tuple[int, Req
         await close_all(outputs)
 
 
-def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
+def sse(chunks: AsyncIterator[dict], replica: str | None = None) -> StreamingResponse:
     async def body():
         try:
             async for chunk in chunks:
@@ -96,7 +96,8 @@ def sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
             await chunks.aclose()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream")
+    headers = None if replica is None else {"x-moe-serve-replica": replica}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 async def completion_chunks(outputs: list[Outputs], base: dict, n: int, prompt_lens: list[int],

@@ -36,6 +36,7 @@ from router.request_error import RequestError, error_body
 from router.session_store import Session, SessionError, SessionStore
 
 SESSION_HEADER = "x-session-id"  # the header Ray Serve's session routing reads too
+REPLICA_HEADER = "x-moe-serve-replica"  # which engine replica served the request
 PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
 
 
@@ -81,8 +82,12 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
                                                "authentication_error", 401), status_code=401)
         return await call_next(request)
 
+    def caller(request: Request) -> str | None:
+        """Whose sessions these are: the API key, when the server has keys (then it has been checked)."""
+        return api_key(request) if limits.api_keys else None
+
     def session_of(request: Request) -> Session | None:
-        return front.session(request.headers.get(SESSION_HEADER), api_key(request))
+        return front.session(request.headers.get(SESSION_HEADER), caller(request))
 
     @app.get("/health")
     async def health():
@@ -99,18 +104,18 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
 
     @app.post("/v1/sessions")
     async def create_session(req: SessionRequest, request: Request):
-        return session_body(front.sessions.create(api_key(request), req.ttl_s), front.max_len)
+        return session_body(front.sessions.create(caller(request), req.ttl_s), front.max_len)
 
     @app.get("/v1/sessions/{session_id}")
     async def get_session(session_id: str, request: Request):
         try:
-            return session_body(front.sessions.get(session_id, api_key(request)), front.max_len)
+            return session_body(front.sessions.get(session_id, caller(request)), front.max_len)
         except SessionError as e:
             raise session_error(e) from None
 
     @app.delete("/v1/sessions/{session_id}")
     async def delete_session(session_id: str, request: Request):
-        await front.end_session(session_id, api_key(request))
+        await front.end_session(session_id, caller(request))
         return {"id": session_id, "object": "session", "deleted": True}
 
     @app.post("/tokenize")
@@ -157,12 +162,12 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
         def record(outs):
             front.record_completion(session, texts[0], prompts[0], outs[0], params)
 
-        outputs = await front.submit(prompts, params, rid, session)
+        outputs, replica = await front.submit(prompts, params, rid, session)
         if req.stream:
             echoes = [front.echo_text(p, t, params) for p, t in zip(prompts, texts)] if req.echo else None
             chunks = completion_chunks(outputs, base, params.n, [len(p) for p in prompts], req.include_usage,
                                        front.token_text, echoes, record)
-            return sse(turn(front, session, chunks))
+            return sse(turn(front, session, chunks), replica)
         try:
             outs = await unless_disconnected(request, generate_all(outputs))
             record(outs)
@@ -177,7 +182,7 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
                 if req.return_token_ids:
                     choice.update(prompt_token_ids=prompt, token_ids=c.token_ids)
                 choices.append(choice)
-        return {**base, "choices": choices, "usage": usage([len(p) for p in prompts], outs)}
+        return with_replica({**base, "choices": choices, "usage": usage([len(p) for p in prompts], outs)}, replica)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
@@ -198,10 +203,10 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
         def record(outs):
             front.record_chat(session, messages, text, prompt, outs[0], params)
 
-        outputs = await front.submit([prompt], params, rid, session)
+        outputs, replica = await front.submit([prompt], params, rid, session)
         if req.stream:
             chunks = chat_chunks(outputs, base, params.n, len(prompt), req.include_usage, front.token_text, record)
-            return sse(turn(front, session, chunks))
+            return sse(turn(front, session, chunks), replica)
         try:
             (out,) = await unless_disconnected(request, generate_all(outputs))
             record([out])
@@ -217,9 +222,14 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
         body = {**base, "object": "chat.completion", "choices": choices, "usage": usage([len(prompt)], [out])}
         if req.return_token_ids:
             body["prompt_token_ids"] = prompt
-        return body
+        return with_replica(body, replica)
 
     return app
+
+
+def with_replica(body: dict, replica: str | None):
+    """The body, with the engine replica that served it in a header (when there are replicas)."""
+    return body if replica is None else JSONResponse(body, headers={REPLICA_HEADER: replica})
 
 
 def sampling(req, max_tokens: int, logprobs: int | None):

@@ -9,6 +9,9 @@ class RequestError(Exception):
         super().__init__(message)
         self.status, self.message, self.kind, self.param = status, message, kind, param
 
+    def __reduce__(self):  # it crosses processes (Ray Serve replicas)
+        return type(self), (self.status, self.message, self.kind, self.param)
+
 
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}

@@ -1,0 +1,95 @@
+"""The Ray Serve application: an Ingress (HTTP and gRPC) over EngineServer replicas, each a whole model instance,
+routed by LeastWorkRouter and autoscaled by Serve on ongoing requests.
+
+    serve run cluster.serve_app:app_builder model=/path/to/checkpoint engine_replicas=2
+
+gRPC goes through Serve's gRPC proxy: start Serve with `grpc_options()` (the MoeServe servicer registered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from router.engine_config import EngineConfig
+
+SERVICER_FUNCTIONS = ["proto.moe_serve_pb2_grpc.add_MoeServeServicer_to_server",
+                      "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    engine: EngineConfig
+    model_name: str = "moe-serve"
+    engine_replicas: int = 1  # fixed count, unless max_replicas > min_replicas
+    min_replicas: int | None = None  # autoscaling bounds on engine replicas
+    max_replicas: int | None = None
+    target_ongoing_requests: float = 16.0
+    max_ongoing_requests: int = 256  # per engine replica
+    engine_cpus: float = 1.0  # Ray resources per engine replica
+    engine_gpus: float = 0.0
+    api_keys: tuple[str, ...] = ()
+    session_ttl_s: float = 1800.0
+    routing_stats_period_s: float = 1.0
+
+    @property
+    def autoscaling(self) -> dict | None:
+        if self.max_replicas is None or self.max_replicas == (self.min_replicas or 1):
+            return None
+        return {"min_replicas": self.min_replicas or 1, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": 2.0,
+                "downscale_delay_s": 10.0}
+
+
+def build_serve_app(options: ServeOptions):
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    from cluster.engine_server import EngineServer
+    from router.ingress import Ingress
+
+    autoscaling = options.autoscaling
+    engine = serve.deployment(
+        EngineServer, name="EngineServer",
+        num_replicas=None if autoscaling else options.engine_replicas,
+        autoscaling_config=autoscaling,
+        max_ongoing_requests=options.max_ongoing_requests,
+        ray_actor_options={"num_cpus": options.engine_cpus, "num_gpus": options.engine_gpus},
+        request_router_config=RequestRouterConfig(
+            request_router_class="router.least_work_router:LeastWorkRouter",
+            request_routing_stats_period_s=options.routing_stats_period_s),
+        health_check_period_s=5.0,
+    ).bind(options.engine)
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=1,
+                               max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
+    return ingress.bind(engine, options.engine.model, options.model_name, options.api_keys, options.session_ttl_s)
+
+
+def grpc_options(port: int):
+    from ray.serve.config import gRPCOptions
+
+    return gRPCOptions(port=port, grpc_servicer_functions=SERVICER_FUNCTIONS)
+
+
+def app_builder(args: dict):
+    """For `serve run cluster.serve_app:app_builder key=value ...`: EngineConfig and ServeOptions fields."""
+    engine_keys = {f.name for f in fields(EngineConfig)}
+    engine = EngineConfig(**{k: coerce(EngineConfig, k, v) for k, v in args.items() if k in engine_keys})
+    rest = {k: coerce(ServeOptions, k, v) for k, v in args.items() if k not in engine_keys}
+    return build_serve_app(ServeOptions(engine=engine, **rest))
+
+
+def coerce(cls, name: str, value):
+    """A command-line string to the field's type."""
+    if not isinstance(value, str):
+        return value
+    kind = {f.name: f.type for f in fields(cls)}[name]
+    if "int" in str(kind) and "float" not in str(kind) and "tuple" not in str(kind):
+        return int(value)
+    if "float" in str(kind):
+        return float(value)
+    if "bool" in str(kind):
+        return value.lower() in ("1", "true", "yes")
+    if "tuple" in str(kind):
+        return tuple(value.split(","))
+    return value
+

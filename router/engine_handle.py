@@ -1,0 +1,86 @@
+"""EngineHandle: the engine replicas of a Ray Serve app, seen by the front doors as one engine (AsyncEngine's face:
+submit, stats, end_session, tokenizer, model_config, max_model_len).
+
+Each request goes through a Serve DeploymentHandle, which LeastWorkRouter points at the replica with the least
+work, or at the one holding the request's session. submit() waits for the replica's Accepted (or its refusal,
+raised here as ValueError or EngineBusy) before returning the stream. Stats are the sum of what each replica last
+reported with an Accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from router.engine_stats import EngineStats
+from router.request_output import RequestOutput
+from workers.sampling_params import SamplingParams
+
+
+class EngineHandle:
+    def __init__(self, handle, tokenizer, model_config, max_model_len: int):
+        """handle: a DeploymentHandle to EngineServer."""
+        self.handle = handle
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        self.max_model_len = max_model_len
+        self.replica_stats: dict[str, EngineStats] = {}
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                     session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        stream = self.handle.options(stream=True).generate.remote(prompt_ids=prompt_ids, params=params,
+                                                                  request_id=request_id, session_id=session_id)
+        try:
+            accepted = await stream.__anext__()
+        except BaseException:
+            stream.cancel()
+            raise
+        self.replica_stats[accepted.replica] = accepted.stats
+        return RemoteStream(stream, accepted.replica)
+
+    def stats(self) -> EngineStats:
+        """Summed over the replicas, as each last reported."""
+        stats = list(self.replica_stats.values())
+        if not stats:
+            return EngineStats(0, 0, 0.0, 0.0, 0, 1, 1)
+        total = stats[0]
+        for s in stats[1:]:
+            total = total.plus(s)
+        return total
+
+    async def end_session(self, session_id: str) -> None:
+        await self.handle.end_session.remote(session_id=session_id)
+
+
+class RemoteStream:
+    """A replica's output stream; closing it before the end cancels the replica's generator, aborting the request."""
+
+    def __init__(self, stream, replica: str):
+        self.stream = stream
+        self.replica = replica
+        self.done = False
+
+    def __aiter__(self) -> "RemoteStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        try:
+            out = await self.stream.__anext__()
+        except StopAsyncIteration:
+            self.done = True
+            raise
+        except BaseException:
+            await self.aclose()
+            raise
+        if out.finished:
+            self.done = True
+        return out
+
+    async def aclose(self) -> None:
+        if not self.done:
+            self.done = True
+            self.stream.cancel()
+
+    def close(self) -> None:
+        if not self.done:
+            self.done = True
+            self.stream.cancel()
