@@ -23,11 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LONG_CONTEXT = dict(max_position_embeddings=163840, rope_scaling={
-    "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
-    "mscale": 0.707, "mscale_all_dim": 0.707})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--turn-tokens", type=int, default=8192)
@@ -39,7 +34,7 @@ def main() -> None:
     import openai
     import uvicorn
 
-    from cluster.tiny_checkpoint import make_checkpoint
+    from cluster.tiny_checkpoint import LONG_CONTEXT, make_checkpoint
     from router.async_engine import AsyncEngine
     from router.engine_config import EngineConfig
     from router.llm_engine import LLMEngine

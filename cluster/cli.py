@@ -6,8 +6,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import time
+from pathlib import Path
 
 from cluster.tiny_checkpoint import SHAPES
 from router.engine_config import EngineConfig
@@ -64,12 +66,7 @@ def cmd_generate(args) -> int:
                     except json.JSONDecodeError as e:
                         raise InputError(f"{args.input}:{n}: not valid JSON ({e})") from None
                     requests.append(parse_request(line, f"{args.input}:{n}", defaults))
-    config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights,
-                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                          kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
-                          enable_prefix_caching=not args.no_prefix_caching,
-                          attention_workers=args.attention_workers, expert_workers=args.expert_workers,
-                          expert_placement=args.expert_placement, micro_batches=args.micro_batches)
+    config = engine_config(args, args.model)
     t0 = time.perf_counter()
     engine = LLMEngine.from_config(config)
     t_load = time.perf_counter() - t0
@@ -135,21 +132,59 @@ def placement_list(text: str) -> tuple[int, ...]:
                                          "e.g. 0,0,1,1") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moe-serve", description="Serve DeepSeek-V2 and DeepSeek-Coder models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="offline batch inference")
-    g.add_argument("--model", required=True, help="local HF checkpoint directory")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="one text prompt")
-    src.add_argument("--input", help="JSONL file: {\"prompt\": ...} or {\"prompt_token_ids\": [...]} per line")
-    g.add_argument("--output", help="JSONL file for the results (with --input)")
-    g.add_argument("--max-tokens", type=int, default=16)
-    g.add_argument("--temperature", type=float, default=1.0)
+def engine_config(args, model: str) -> EngineConfig:
+    return EngineConfig(model=model, dtype=args.dtype, device=args.device, random_weights=args.random_weights,
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
+                        enable_prefix_caching=not args.no_prefix_caching,
+                        attention_workers=args.attention_workers, expert_workers=args.expert_workers,
+                        expert_placement=args.expert_placement, micro_batches=args.micro_batches)
+
+
+def default_model() -> str:
+    """The embedded default: a tiny random DeepSeek-V2 with V2's 160K-token context and DeepSeek-Coder-V2's chat
+    template, made once (deterministically, offline) in the user's cache."""
+    from cluster.tiny_checkpoint import default_checkpoint
+
+    return str(default_checkpoint())
+
+
+def cmd_up(args) -> int:
+    """Starts (or joins) Ray, deploys the Serve application, prints the endpoints, and serves until Ctrl-C."""
+    import ray
+    from ray import serve
+
+    from cluster.serve_app import ServeOptions, build_serve_app, grpc_options
+
+    model = args.model or default_model()
+    options = ServeOptions(engine_config(args, model), model_name=args.served_model_name or Path(model).name,
+                           engine_replicas=args.engine_replicas, api_keys=tuple(args.api_key or ()),
+                           engine_cpus=args.engine_cpus)
+    print(f"moe-serve: starting Ray ({args.address or 'local'}) and loading {model} ...", flush=True)
+    ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": args.host, "port": args.http_port},
+                grpc_options=grpc_options(args.grpc_port))
+    serve.run(build_serve_app(options), name="moe-serve", route_prefix="/")
+    print(f"moe-serve: serving '{options.model_name}'\n"
+          f"  HTTP (OpenAI-compatible): http://{args.host}:{args.http_port}/v1\n"
+          f"  gRPC (moe_serve.v1.MoeServe): {args.host}:{args.grpc_port}\n"
+          "Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("moe-serve: shutting down", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def add_engine_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--random-weights", action="store_true", help="random weights of the checkpoint's shapes")
-    g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on CPU")
@@ -164,7 +199,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the expert worker of each routed expert, in expert order (default: contiguous ranges)")
     g.add_argument("--micro-batches", type=int, default=2,
                    help="micro-batches per step, ping-ponged against the expert workers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-serve", description="Serve DeepSeek-V2 and DeepSeek-Coder models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="offline batch inference")
+    g.add_argument("--model", required=True, help="local HF checkpoint directory")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one text prompt")
+    src.add_argument("--input", help="JSONL file: {\"prompt\": ...} or {\"prompt_token_ids\": [...]} per line")
+    g.add_argument("--output", help="JSONL file for the results (with --input)")
+    g.add_argument("--max-tokens", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    add_engine_args(g)
     g.set_defaults(func=cmd_generate)
+    u = sub.add_parser("up", help="serve over HTTP (OpenAI-compatible) and gRPC on Ray Serve, until Ctrl-C")
+    u.add_argument("--model", default=None, help="local HF checkpoint directory (default: the tiny embedded model)")
+    u.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the dir's)")
+    u.add_argument("--engine-replicas", type=int, default=1, help="whole model instances behind the router")
+    u.add_argument("--engine-cpus", type=float, default=1.0, help="Ray CPUs reserved per engine replica")
+    u.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the server)")
+    u.add_argument("--http-port", type=int, default=8000)
+    u.add_argument("--grpc-port", type=int, default=9000)
+    u.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    u.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' (repeatable)")
+    add_engine_args(u)
+    u.set_defaults(func=cmd_up)
     t = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint (for demos and tests)")
     t.add_argument("dir")
     t.add_argument("--kind", default="v2_lite", choices=list(SHAPES))

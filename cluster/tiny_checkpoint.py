@@ -7,6 +7,9 @@ random (seeded), the tokenizer is byte-level with DeepSeek's special tokens and 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -101,3 +104,25 @@ def rewrite_published(path: Path, kw: dict) -> None:
             cfg.pop(derived, None)
     cfg["torch_dtype"] = cfg.pop("dtype", "float32")
     path.write_text(json.dumps(cfg, indent=2))
+
+
+LONG_CONTEXT = dict(max_position_embeddings=163840, rope_scaling={  # DeepSeek-V2's: YaRN x40 over 4K positions
+    "type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+    "mscale": 0.707, "mscale_all_dim": 0.707})
+
+
+def default_checkpoint() -> Path:
+    """The embedded default model: the tiny V2-Lite shape with DeepSeek-V2's 160K-token context, made once
+    (seeded, offline) under the user's cache directory."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moe-serve"
+    out = cache / "tiny-deepseek-v2"
+    if not (out / "config.json").is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache))
+        make_checkpoint("v2_lite", tmp / "model", **LONG_CONTEXT)
+        try:
+            (tmp / "model").rename(out)
+        except OSError:  # made meanwhile by another process
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -7,7 +7,9 @@ from types import SimpleNamespace
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 
 from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
@@ -25,21 +27,28 @@ def app(checkpoint_dir):
     engine.shutdown()
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_no_generated_request_gets_a_server_error(app, mode):
+    """Cases drawn from every operation of the served OpenAPI schema, valid (positive) and invalid (negative)."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 8  # the schema is served and holds our endpoints
+    tried = 0
+    for operation in operations:  # each operation its own budget of examples
+        @given(case=operation.as_strategy(generation_mode=GenerationMode(mode)))
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def check(case):
+            response = case.call()
+            assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text)
+            if response.status_code >= 400:
+                assert response.json()["error"]["message"]
 
-
-@pytest.fixture(scope="module")
-def api_schema(app):
-    return schemathesis.openapi.from_asgi("/openapi.json", app)
-
-
-@schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_generated_request_gets_a_server_error(case):
-    response = case.call()
-    assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text)
-    if response.status_code >= 400:
-        assert response.json()["error"]["message"]
+        try:
+            check()
+            tried += 1
+        except Unsatisfiable:  # an operation that takes no constrained input has no invalid request to make
+            assert mode == "negative", operation.label
+    assert tried >= (len(operations) if mode == "positive" else 5), f"only {tried} operations could be fuzzed"
 
 
 @pytest.mark.parametrize("path, body, says", [
@@ -52,6 +61,7 @@ def test_no_generated_request_gets_a_server_error(case):
     ("/tokenize", '{"prompt": "\\ud800"}', "lone surrogate"),
     ("/v1/completions", '{"prompt": "ok", "max_tokens": "many"}', "max_tokens"),
     ("/v1/completions", '{"prompt": "ok", "n": 0}', "n must be"),
+    ("/v1/completions", '{"prompt": "ok", "n": 100000000}', "n must be"),
     ("/v1/chat/completions", '{"messages": "hi"}', "messages"),
     ("/v1/chat/completions", '[1, 2]', "valid dictionary"),
     ("/v1/completions", '{"prompt": "ok"', "JSON"),

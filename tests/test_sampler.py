@@ -60,7 +60,7 @@ def test_logprobs_rank_and_top():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(n=0), "n must be >= 1"), (dict(top_p=0), "top_p must be in"), (dict(min_p=1.5), "min_p must be in"),
+    (dict(n=0), "n must be in"), (dict(n=129), "n must be in"), (dict(top_p=0), "top_p must be in"), (dict(min_p=1.5), "min_p must be in"),
     (dict(repetition_penalty=0), "repetition_penalty must be > 0"), (dict(logprobs=21), "logprobs must be in"),
     (dict(presence_penalty=3), "presence_penalty must be in"), (dict(stop=("",)), "stop strings must not be empty"),
 ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+MAX_N = 128  # samples per prompt (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class SamplingParams:
 
     def __post_init__(self):
         checks = [
-            (self.n >= 1, f"n must be >= 1, got {self.n}"),
+            (1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n}"),
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
