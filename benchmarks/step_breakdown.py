@@ -49,7 +49,7 @@ def run(ckpt: str, prompts: list[list[int]], **topology) -> dict:
         engine.shutdown()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     row = {"wall_s": wall, "tok_s": tokens / wall, "tokens": [o.outputs[0].token_ids for o in outs]}
-    if profile:
+    if profile["experts"]:
         steps = profile["steps"]
         att, exp = profile["attention"], profile["experts"]
         ms = lambda seconds: 1000 * seconds / steps  # noqa: E731

@@ -12,12 +12,14 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 
 from router.engine_stats import EngineStats
 from router.llm_engine import LLMEngine
 from router.request_output import RequestOutput
+from router.worker_stats import WorkerStats
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -32,13 +34,16 @@ class EngineBusy(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine):
+    def __init__(self, engine: LLMEngine, worker_stats_period_s: float = 5.0):
         self.engine = engine
+        self.worker_stats_period_s = worker_stats_period_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, prompt, params, session) | ("abort", id)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopped = False
         self._stats = engine.stats()
+        self._workers: WorkerStats | None = None
+        self._workers_read_at = -worker_stats_period_s
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -91,6 +96,10 @@ class AsyncEngine:
         """As of the last step."""
         return self._stats
 
+    def worker_stats(self) -> dict[str, WorkerStats]:
+        """Per expert and per worker, as last read; keyed by replica (one, "local")."""
+        return {} if self._workers is None else {"local": self._workers}
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped
@@ -118,13 +127,22 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
+                workers = self._read_workers()
             except Exception as e:  # noqa: BLE001 - reported to every request in flight
                 log.exception("engine step failed")
                 self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
                 continue
             for out in outputs:
                 self._emit(out.request_id, out)
-            self._stats = self.engine.stats()
+            self._stats = self.engine.stats()._replace(workers=workers)
+
+    def _read_workers(self) -> WorkerStats | None:
+        """The workers' stats, read again every worker_stats_period_s (a report round with every worker)."""
+        now = time.monotonic()
+        if now >= self._workers_read_at + self.worker_stats_period_s:
+            self._workers = self.engine.worker_stats(self._workers)
+            self._workers_read_at = now
+        return self._workers
 
     def _take_messages(self) -> None:
         while True:

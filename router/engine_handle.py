@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from router.engine_stats import EngineStats
 from router.request_output import RequestOutput
+from router.worker_stats import WorkerStats
 from workers.sampling_params import SamplingParams
 
 
@@ -46,6 +47,10 @@ class EngineHandle:
         for s in stats[1:]:
             total = total.plus(s)
         return total
+
+    def worker_stats(self) -> dict[str, WorkerStats]:
+        """Per expert and per worker, by replica, as each last reported."""
+        return {replica: s.workers for replica, s in self.replica_stats.items() if s.workers is not None}
 
     async def end_session(self, session_id: str) -> None:
         await self.handle.end_session.remote(session_id=session_id)

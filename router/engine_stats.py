@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from router.worker_stats import WorkerStats
+
 
 class EngineStats(NamedTuple):
     running: int  # sequences in the batch
@@ -14,6 +16,7 @@ class EngineStats(NamedTuple):
     num_blocks: int
     block_size: int
     outstanding_tokens: int = 0  # tokens still to compute: prompts left to prefill plus tokens left to generate
+    workers: WorkerStats | None = None  # per expert and per worker, read every few seconds (not summed by plus)
 
     def plus(self, other: "EngineStats") -> "EngineStats":
         """Two engines' stats as one: KV usage weighted by blocks, hit rates averaged."""

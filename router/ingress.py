@@ -38,7 +38,7 @@ class Ingress:
             info = await self.handle.info.remote()
             self.engine = EngineHandle(self.handle, load_tokenizer(self.model_dir),
                                        ModelConfig.from_pretrained(self.model_dir), info.max_model_len)
-            self.metrics = Metrics(self.engine.stats, self.model_name)
+            self.metrics = Metrics(self.engine, self.model_name)
             self.front = Frontend(self.engine, self.model_name, SessionStore(self.session_ttl_s),
                                   self.metrics.observe)
             self.grpc = GrpcServicer(self.front, self.limits.api_keys)

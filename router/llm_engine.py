@@ -13,6 +13,7 @@ from router.request_output import CompletionOutput, RequestOutput
 from router.scheduler import Scheduled, Scheduler
 from router.sequence import Sequence
 from router.session_pins import SessionPins
+from router.worker_stats import WorkerStats
 from workers.block_manager import BlockManager
 from workers.config import ModelConfig
 from workers.executor import Executor, LocalExecutor
@@ -64,6 +65,10 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+    def worker_stats(self, previous: WorkerStats | None = None) -> WorkerStats:
+        """What each worker has done so far. The expert workers report in a round of their own: call between steps."""
+        return WorkerStats.from_profile(self.executor.profile(), previous)
 
     # --- requests ---
 

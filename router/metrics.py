@@ -9,12 +9,11 @@ the engine's stats at each scrape.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from router.engine_stats import EngineStats
 from router.request_output import RequestOutput
 
 PREFIX = "moe_serve"
@@ -23,14 +22,16 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.
 
 
 class EngineCollector:
-    """Gauges from the engine's stats, read when Prometheus scrapes."""
+    """Series from the engine's stats, read when Prometheus scrapes: gauges of the whole, and per replica the tokens
+    routed to each expert and each worker's steps and busy time."""
 
-    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
-        self.stats = stats
+    def __init__(self, engine, model_name: str):
+        """engine: has stats() -> EngineStats and worker_stats() -> {replica: WorkerStats}."""
+        self.engine = engine
         self.model_name = model_name
 
     def collect(self):
-        s = self.stats()
+        s = self.engine.stats()
         for name, doc, value in [
             ("num_requests_running", "Sequences in the running batch.", s.running),
             ("num_requests_waiting", "Sequences waiting to be scheduled.", s.waiting),
@@ -44,10 +45,32 @@ class EngineCollector:
                                 labels=["model_name"])
         c.add_metric([self.model_name], s.num_preemptions)
         yield c
+        yield from self.collect_workers()
+
+    def collect_workers(self):
+        labels = ["model_name", "replica"]
+        experts = CounterMetricFamily(f"{PREFIX}:expert_tokens", "Token copies routed to each routed expert, over "
+                                      "every MoE layer.", labels=labels + ["expert"])
+        busy = CounterMetricFamily(f"{PREFIX}:worker_busy_seconds", "Seconds each worker spent on its steps "
+                                   "(expert workers: on their MoE rounds).", labels=labels + ["worker"])
+        steps = CounterMetricFamily(f"{PREFIX}:worker_steps", "Steps each worker ran (expert workers: MoE rounds).",
+                                    labels=labels + ["worker"])
+        step_time = GaugeMetricFamily(f"{PREFIX}:worker_step_time_seconds", "Each worker's mean seconds per step "
+                                      "(expert workers: per MoE round) over the last few seconds.",
+                                      labels=labels + ["worker"])
+        for replica, w in self.engine.worker_stats().items():
+            for expert, tokens in enumerate(w.expert_tokens):
+                experts.add_metric([self.model_name, replica, str(expert)], tokens)
+            for t in w.workers:
+                busy.add_metric([self.model_name, replica, t.worker], t.busy_s)
+                steps.add_metric([self.model_name, replica, t.worker], t.steps)
+                step_time.add_metric([self.model_name, replica, t.worker], t.step_s)
+        yield from (experts, busy, steps, step_time)
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats], model_name: str):
+    def __init__(self, engine, model_name: str):
+        """engine: an AsyncEngine or EngineHandle (stats() and worker_stats())."""
         self.model_name = model_name
         self.registry = CollectorRegistry()
         labels = ["model_name"]
@@ -63,7 +86,7 @@ class Metrics:
                               "request.", labels, buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(f"{PREFIX}:e2e_request_latency_seconds", "Request latency, arrival to last token.",
                              labels, buckets=LATENCY_BUCKETS, registry=r)
-        r.register(EngineCollector(stats, model_name))
+        r.register(EngineCollector(engine, model_name))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,7 +52,7 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
     """engine: AsyncEngine or EngineHandle (submit, stats, end_session, tokenizer, model_config, max_model_len)."""
     app = FastAPI(title="moe-serve", description="OpenAI-compatible API for DeepSeek models")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    metrics = metrics or Metrics(engine.stats, model_name)
+    metrics = metrics or Metrics(engine, model_name)
     front = Frontend(engine, model_name, sessions or SessionStore(), metrics.observe)
 
     @app.exception_handler(RequestError)

@@ -6,7 +6,6 @@ Shared by the test suite (gloo, CPU) and benchmarks/gpu_check.py (NCCL, CUDA): t
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from router.engine_config import EngineConfig

@@ -38,6 +38,11 @@ class FakeExecutor(Executor):
         self.rank_steps.append([plan.chunks for plan in plans])
         return [self._run(rank, plan) for rank, plan in enumerate(plans)]
 
+    def profile(self) -> dict:
+        steps = len(self.rank_steps)
+        return {"steps": steps, "control_s": 0.0, "experts": [],
+                "attention": [{"steps": steps, "busy_s": 0.0} for _ in self.num_blocks]}
+
     def _run(self, rank: int, plan: StepPlan) -> list[SampleResult]:
         sampler = self.samplers[rank]
         sampler.release(plan.release)

@@ -68,3 +68,15 @@ def hf_greedy(model, prompt: list[int], n: int = 32) -> list[int]:
 def random_prompts(lengths, vocab: int = 256, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def parsed(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text as (name, labels, value) rows."""
+    rows = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            head, value = line.rsplit(" ", 1)
+            name, _, rest = head.partition("{")
+            labels = dict(item.split("=", 1) for item in rest.rstrip("}").split(",") if item)
+            rows.append((name, {k: v.strip('"') for k, v in labels.items()}, float(value)))
+    return rows

@@ -72,6 +72,8 @@ def test_experts_run_only_on_their_owner_on_the_routed_tokens(checkpoint_dir):
                 routed[i] = routed.get(i, 0) + torch.bincount(out[1].flatten(), minlength=16)
             layer.mlp.gate.register_forward_hook(count)
     want, _ = staggered(local, prompts)
+    (colocated,) = local.executor.profile()["attention"]
+    assert colocated["sent"] == {i: r.tolist() for i, r in routed.items()}  # the colocated path counts the same
 
     eng = engine(d, max_num_batched_tokens=64, attention_workers=1, expert_workers=3, expert_placement=tuple(owner))
     try:

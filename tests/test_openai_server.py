@@ -14,7 +14,7 @@ from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine
 from router.openai_server import build_app
-from tests.harness import hf_greedy, hf_model
+from tests.harness import hf_greedy, hf_model, parsed
 
 MODEL = "tiny-deepseek-v2"
 
@@ -173,6 +173,17 @@ def test_metrics_use_vllm_names_under_our_prefix(server):
     assert series[f"moe_serve:e2e_request_latency_seconds_count{label}"] >= 1
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "prefix_cache_hit_rate"):
         assert f"moe_serve:{gauge}{label}" in series
+    config = server["engine"].model_config
+    experts = {labels["expert"]: value for name, labels, value in parsed(text) if name == "moe_serve:expert_tokens_total"}
+    assert sorted(experts, key=int) == [str(e) for e in range(config.n_routed_experts)]
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    routed = sum(experts.values())  # each token goes to top-k experts in every MoE layer
+    assert routed > 0 and routed % (config.num_experts_per_tok * moe_layers) == 0
+    workers = {(name, labels["worker"]): value for name, labels, value in parsed(text) if "worker_" in name}
+    assert workers[("moe_serve:worker_steps_total", "attention-0")] >= 1
+    assert workers[("moe_serve:worker_busy_seconds_total", "attention-0")] > 0
+    assert ("moe_serve:worker_step_time_seconds", "attention-0") in workers
+
 
 
 def test_api_keys_body_limit_and_queue_limit():

@@ -4,7 +4,6 @@ to the less-loaded replica, and a session stays on the replica that holds its hi
 
 import socket
 import threading
-import time
 
 import grpc
 import httpx
@@ -20,6 +19,7 @@ from proto import moe_serve_pb2 as pb  # noqa: E402
 from proto import moe_serve_pb2_grpc as pb_grpc  # noqa: E402
 from router.engine_config import EngineConfig  # noqa: E402
 from router.llm_engine import LLMEngine  # noqa: E402
+from tests.harness import parsed  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
 
 APP = [("application", "moe-serve")]
@@ -117,3 +117,9 @@ def test_new_requests_go_to_the_less_loaded_replica_and_sessions_stay(app):
                          kwargs={"json": {**long, "stream": False, "max_tokens": 60}, "timeout": 120}).start()
     assert len(set(homes)) == 1 and cached[1] > 0 and cached[2] > cached[1]
     thread.join(120)
+    replicas = set(served) | {busy["replica"]}
+    series = parsed(httpx.get(url + "/metrics").text)
+    steps = {labels["replica"] for name, labels, value in series
+             if name == "moe_serve:worker_steps_total" and labels["worker"] == "attention-0" and value > 0}
+    assert steps == replicas  # each replica's workers, under its id
+    assert {labels["replica"] for name, labels, value in series if name == "moe_serve:expert_tokens_total"} == replicas

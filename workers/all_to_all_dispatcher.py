@@ -48,8 +48,8 @@ class DispatchStats:
                 "received": {layer: row.tolist() for layer, row in self.received.items()}}
 
     def add(self, table: dict[int, torch.Tensor], layer: int, experts: torch.Tensor, counts: torch.Tensor) -> None:
-        row = table.setdefault(layer, torch.zeros(self.num_experts, dtype=torch.long))
-        row.index_add_(0, experts, counts.cpu())
+        row = table.setdefault(layer, counts.new_zeros(self.num_experts))
+        row.index_add_(0, experts.to(row.device), counts)
 
 
 class A2AHandle(NamedTuple):

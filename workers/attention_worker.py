@@ -34,7 +34,6 @@ class AttentionWorker:
                                                  stats=DispatchStats(model_config.n_routed_experts))
             self.runner = build_runner(config, model_config, self.dispatcher, expert_ids=(),
                                        micro_batches=config.micro_batches)
-        self.steps = 0
 
     def info(self) -> dict:
         cache = self.runner.kv_cache
@@ -44,16 +43,13 @@ class AttentionWorker:
         """The plan's samples, and the seconds this worker spent on them."""
         t0 = time.perf_counter()
         results = self.runner.execute(plan)
-        self.steps += 1
         return results, time.perf_counter() - t0
 
     def report(self) -> dict:
         """This worker's time split; with expert workers, a REPORT round has them send theirs to the executor."""
-        out = {"steps": self.steps, "busy_s": self.runner.busy_s}
         if self.dispatcher is not None:
             self._signal(REPORT)
-            out.update(self.dispatcher.stats.as_dict())
-        return out
+        return self.runner.report()
 
     def stop(self) -> None:
         if self.dispatcher is not None:

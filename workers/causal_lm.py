@@ -78,7 +78,7 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(config.rope_dim, config.rope, interleaved=config.is_mla)
         if expert_ids is None:
             expert_ids = range(config.n_routed_experts)
-        dispatcher = dispatcher or LocalDispatcher(config.n_routed_experts)
+        self.dispatcher = dispatcher = dispatcher or LocalDispatcher(config.n_routed_experts)
         layers = []
         for i in range(config.num_hidden_layers):
             if config.is_mla:

@@ -2,13 +2,17 @@
 
 Rank r's plan goes to the attention rank that owns cache r (data parallel: each rank its own sequences and
 cache). `LocalExecutor` is the single-process case; `MultiprocExecutor` runs attention and expert workers as
-processes joined by torch.distributed.
+local processes joined by torch.distributed, `cluster.ray_executor.RayExecutor` as Ray actors across nodes.
 """
 
 from __future__ import annotations
 
 from workers.model_runner import ModelRunner, StepPlan
 from workers.sampler import SampleResult
+
+
+class WorkerError(RuntimeError):
+    """A worker failed or died. The executor has stopped every worker: it runs no further step."""
 
 
 class Executor:
@@ -24,8 +28,10 @@ class Executor:
         raise NotImplementedError
 
     def profile(self) -> dict:
-        """Where the steps' time went, in seconds summed over the steps so far."""
-        return {}
+        """What each worker did, summed over the steps so far: {"steps", "control_s", "attention": [per rank:
+        "steps", "busy_s", "sent" (layer -> tokens routed to each expert)], "experts": [per expert worker:
+        "experts", "rounds", "compute_s", "wait_s", ...]}."""
+        raise NotImplementedError
 
     def shutdown(self) -> None:
         pass
@@ -39,3 +45,6 @@ class LocalExecutor(Executor):
 
     def execute(self, plans: list[StepPlan]) -> list[list[SampleResult]]:
         return [self.runner.execute(plans[0])]
+
+    def profile(self) -> dict:
+        return {"steps": self.runner.steps, "control_s": 0.0, "attention": [self.runner.report()], "experts": []}

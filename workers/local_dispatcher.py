@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from workers.all_to_all_dispatcher import DispatchStats
 from workers.dispatcher import Dispatcher, DispatchOutput, weighted_sum
 
 
@@ -15,14 +16,20 @@ class LocalHandle(NamedTuple):
 
 
 class LocalDispatcher(Dispatcher):
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, layer: int = 0, stats: DispatchStats | None = None):
         self.num_experts = num_experts
+        self.layer = layer
+        self.stats = stats or DispatchStats(num_experts)  # tokens routed to each expert (kept on the device)
+
+    def for_layer(self, layer: int) -> "LocalDispatcher":
+        return LocalDispatcher(self.num_experts, layer, self.stats)
 
     def dispatch_start(self, hidden, topk_ids, topk_weights) -> DispatchOutput:
         T, K = topk_ids.shape
         flat = topk_ids.flatten()  # [T*K]
         order = flat.argsort(stable=True)  # [T*K]
         counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
+        self.stats.add(self.stats.sent, self.layer, torch.arange(self.num_experts), counts)
         return DispatchOutput(hidden[order // K], counts, LocalHandle(order, topk_weights))
 
     def dispatch_wait(self, pending: DispatchOutput) -> DispatchOutput:

@@ -53,6 +53,7 @@ class ModelRunner:
         self.collective = collective
         self.sampler = Sampler(device)
         self.dtype = next(model.parameters()).dtype
+        self.steps = 0
         self.busy_s = 0.0  # time spent in execute()
 
     def prepare(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -111,8 +112,13 @@ class ModelRunner:
             logits = self.forward_logits(plan.chunks)
             rows = [row for c in plan.chunks for row in c.samples]
             results = self.sampler(logits, rows) if rows else []
+        self.steps += 1
         self.busy_s += time.perf_counter() - t0
         return results
+
+    def report(self) -> dict:
+        """Steps run, seconds spent, and the tokens this rank routed to each expert (per MoE layer)."""
+        return {"steps": self.steps, "busy_s": self.busy_s, **self.model.dispatcher.stats.as_dict()}
 
 
 def split_micro_batches(chunks: list[SeqChunk], n: int) -> list[list[SeqChunk]]:
