@@ -4,13 +4,20 @@
 replica's id and stats, or the refusal raised (ValueError for bad input, EngineBusy when the queue is full), so the
 router can answer 400 or 429 before anything streams. Closing the stream (a client that left) aborts the request.
 `record_routing_stats` tells LeastWorkRouter how much work the replica holds.
+
+With workers, they are Ray actors placed across the cluster (RayExecutor); the replica is ready only once every
+worker is up. When one dies, the requests in flight end with an error naming it, and the engine is rebuilt in
+place with new workers while new requests wait; if that fails, the health check fails and Serve replaces the
+replica.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import NamedTuple
 
+from cluster.ray_executor import RayExecutor, WorkerPools
 from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.engine_stats import EngineStats
@@ -31,11 +38,13 @@ class EngineInfo(NamedTuple):
 
 
 class EngineServer:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, pools: WorkerPools):
         from ray import serve
 
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.engine = AsyncEngine(LLMEngine.from_config(config))
+        build = partial(LLMEngine.from_config, config,
+                        executor_cls=partial(RayExecutor, pools=pools, name=f"moe-serve/{self.replica}"))
+        self.engine = AsyncEngine(build(), rebuild=build)
         log.info("engine replica %s ready: %s", self.replica, config.model)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,

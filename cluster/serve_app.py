@@ -8,7 +8,7 @@ gRPC goes through Serve's gRPC proxy: start Serve with `grpc_options()` (the Moe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from router.engine_config import EngineConfig
 
@@ -27,6 +27,9 @@ class ServeOptions:
     max_ongoing_requests: int = 256  # per engine replica
     engine_cpus: float = 1.0  # Ray resources per engine replica
     engine_gpus: float = 0.0
+    # Ray resources of each attention / expert worker ("CPU", "GPU", custom ones to pin a pool to a node type)
+    attention_worker_resources: dict = field(default_factory=lambda: {"CPU": 1.0})
+    expert_worker_resources: dict = field(default_factory=lambda: {"CPU": 1.0})
     api_keys: tuple[str, ...] = ()
     session_ttl_s: float = 1800.0
     routing_stats_period_s: float = 1.0
@@ -45,6 +48,7 @@ def build_serve_app(options: ServeOptions):
     from ray.serve.config import RequestRouterConfig
 
     from cluster.engine_server import EngineServer
+    from cluster.ray_executor import WorkerPools
     from router.ingress import Ingress
 
     autoscaling = options.autoscaling
@@ -57,8 +61,8 @@ def build_serve_app(options: ServeOptions):
         request_router_config=RequestRouterConfig(
             request_router_class="router.least_work_router:LeastWorkRouter",
             request_routing_stats_period_s=options.routing_stats_period_s),
-        health_check_period_s=5.0,
-    ).bind(options.engine)
+        health_check_period_s=2.0,  # a replica whose engine could not be rebuilt is replaced soon
+    ).bind(options.engine, WorkerPools(options.attention_worker_resources, options.expert_worker_resources))
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=1,
                                max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine, options.engine.model, options.model_name, options.api_keys, options.session_ttl_s)
@@ -91,5 +95,7 @@ def coerce(cls, name: str, value):
         return value.lower() in ("1", "true", "yes")
     if "tuple" in str(kind):
         return tuple(value.split(","))
+    if "dict" in str(kind):  # CPU=1,GPU=1,my_node_type=1
+        return {k: float(v) for k, v in (item.split("=") for item in value.split(","))}
     return value
 

@@ -3,7 +3,9 @@
 `generate()` validates a request at once (a ValueError says what to fix), then streams its RequestOutputs, one per
 step in which it gained tokens, until it finishes. Leaving the stream early (a client that went away) aborts the
 request and frees its blocks. If a step fails, every request in flight gets the error on its stream; the engine
-thread goes on serving new requests.
+thread goes on serving new requests. When a worker died (WorkerError: the executor is gone), the engine is first
+rebuilt with `rebuild()`, while new requests wait for it; without `rebuild`, or if that fails, the engine stops
+and refuses requests with the cause (`alive` turns False).
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from router.engine_stats import EngineStats
 from router.llm_engine import LLMEngine
 from router.request_output import RequestOutput
 from router.worker_stats import WorkerStats
+from workers.executor import WorkerError
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,11 @@ class EngineBusy(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, worker_stats_period_s: float = 5.0):
+    def __init__(self, engine: LLMEngine, worker_stats_period_s: float = 5.0,
+                 rebuild: Callable[[], LLMEngine] | None = None):
         self.engine = engine
+        self._rebuild = rebuild
+        self._failure: str | None = None  # why the engine stopped for good
         self.worker_stats_period_s = worker_stats_period_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, prompt, params, session) | ("abort", id)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -72,6 +78,9 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in flight")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        if self._failure is not None:  # checked once registered: stopping fails every stream registered by then
+            self._streams.pop(request_id, None)
+            raise EngineError(self._failure)
         self._send(("add", request_id, list(prompt_ids), params, session_id))
         return OutputStream(self, request_id, stream)
 
@@ -128,6 +137,11 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
                 workers = self._read_workers()
+            except WorkerError as e:
+                log.error("engine workers failed: %s", e)
+                self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
+                self._replace_engine(e)
+                continue
             except Exception as e:  # noqa: BLE001 - reported to every request in flight
                 log.exception("engine step failed")
                 self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
@@ -143,6 +157,25 @@ class AsyncEngine:
             self._workers = self.engine.worker_stats(self._workers)
             self._workers_read_at = now
         return self._workers
+
+    def _replace_engine(self, cause: Exception) -> None:
+        """A new engine for the one whose workers failed; the requests sent meanwhile wait in the inbox. With no
+        way to build one, or if building fails, the engine stops, and every request waiting gets the cause."""
+        self.engine.shutdown()
+        self._workers = None
+        if self._rebuild is not None:
+            t0 = time.monotonic()
+            try:
+                self.engine = self._rebuild()
+                log.warning("engine rebuilt in %.1f s after: %s", time.monotonic() - t0, cause)
+                return
+            except Exception as e:  # noqa: BLE001 - the engine stops with it
+                log.exception("rebuilding the engine failed")
+                cause = e
+        self._stopped = True
+        self._failure = f"the engine stopped: {cause}"
+        for request_id in list(self._streams):
+            self._emit(request_id, EngineError(self._failure))
 
     def _take_messages(self) -> None:
         while True:

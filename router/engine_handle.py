@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from ray.exceptions import RayTaskError
+
 from router.engine_stats import EngineStats
 from router.request_output import RequestOutput
 from router.worker_stats import WorkerStats
@@ -32,6 +34,9 @@ class EngineHandle:
                                                                   request_id=request_id, session_id=session_id)
         try:
             accepted = await stream.__anext__()
+        except RayTaskError as e:
+            stream.cancel()
+            raise replica_error(e) from None
         except BaseException:
             stream.cancel()
             raise
@@ -73,6 +78,9 @@ class RemoteStream:
         except StopAsyncIteration:
             self.done = True
             raise
+        except RayTaskError as e:
+            await self.aclose()
+            raise replica_error(e) from None
         except BaseException:
             await self.aclose()
             raise
@@ -89,3 +97,8 @@ class RemoteStream:
         if not self.done:
             self.done = True
             self.stream.cancel()
+
+
+def replica_error(e: RayTaskError) -> Exception:
+    """What the replica raised (EngineError, ValueError, EngineBusy), without the Ray traceback around it."""
+    return e.cause if isinstance(e.cause, Exception) else e

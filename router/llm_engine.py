@@ -44,18 +44,26 @@ class LLMEngine:
         self._seq_ids = itertools.count()
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "LLMEngine":
+    def from_config(cls, config: EngineConfig, executor_cls=None) -> "LLMEngine":
+        """executor_cls(config, model_config) runs the workers when there are any (default MultiprocExecutor).
+        Whole or not at all: if anything fails, the workers already started are stopped."""
         if config.model is None:
             raise ValueError("no model directory given (--model DIR)")
         model_dir = Path(config.model)
         model_config = ModelConfig.from_pretrained(model_dir)
-        if config.multiprocess:
+        if not config.multiprocess:
+            executor = LocalExecutor(build_runner(config, model_config))
+        elif executor_cls is None:
             from workers.multiproc_executor import MultiprocExecutor
 
             executor = MultiprocExecutor(config, model_config)
         else:
-            executor = LocalExecutor(build_runner(config, model_config))
-        return cls(config, model_config, executor, load_tokenizer(model_dir))
+            executor = executor_cls(config, model_config)
+        try:
+            return cls(config, model_config, executor, load_tokenizer(model_dir))
+        except BaseException:
+            executor.shutdown()
+            raise
 
     @property
     def scheduler(self) -> Scheduler:

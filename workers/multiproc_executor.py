@@ -16,16 +16,12 @@ import traceback
 
 from router.engine_config import EngineConfig
 from workers.config import ModelConfig
-from workers.executor import Executor
+from workers.executor import Executor, WorkerError
 from workers.expert_placement import ExpertPlacement
 from workers.model_runner import StepPlan
 from workers.sampler import SampleResult
 
 STARTUP_TIMEOUT_S = 600.0
-
-
-class WorkerError(RuntimeError):
-    pass
 
 
 def placement_for(config: EngineConfig, model_config: ModelConfig) -> ExpertPlacement | None:
@@ -134,15 +130,16 @@ class MultiprocExecutor(Executor):
             proc.join(timeout=5)
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def worker_main(config: EngineConfig, model_config: ModelConfig, placement: ExpertPlacement | None, rank: int,
-                init_method: str, threads: int, conn) -> None:
-    """A worker process: join the groups, build the worker, then serve the engine (attention) or the rounds."""
+def build_worker(config: EngineConfig, model_config: ModelConfig, placement: ExpertPlacement | None, rank: int,
+                 init_method: str, threads: int):
+    """Rank `rank`'s worker, an AttentionWorker or an ExpertWorker, once every rank has joined the groups at
+    init_method (tcp://host:port)."""
     import torch
 
     from workers.attention_worker import AttentionWorker
@@ -150,16 +147,23 @@ def worker_main(config: EngineConfig, model_config: ModelConfig, placement: Expe
     from workers.expert_worker import ExpertWorker
     from workers.parallel_groups import init_parallel_groups
 
+    torch.set_num_threads(threads)
+    A, E = config.attention_workers, config.expert_workers
+    groups = init_parallel_groups(rank, A, E, init_method, resolve_device(config.device))
+    if rank >= A:
+        return ExpertWorker(config, model_config, groups, placement)
+    return AttentionWorker(config, model_config, groups, placement)
+
+
+def worker_main(config: EngineConfig, model_config: ModelConfig, placement: ExpertPlacement | None, rank: int,
+                init_method: str, threads: int, conn) -> None:
+    """A worker process: build the worker, then serve the engine (attention) or the rounds (expert)."""
     try:
-        torch.set_num_threads(threads)
-        A, E = config.attention_workers, config.expert_workers
-        groups = init_parallel_groups(rank, A, E, init_method, resolve_device(config.device))
-        if rank >= A:
-            worker = ExpertWorker(config, model_config, groups, placement)
+        worker = build_worker(config, model_config, placement, rank, init_method, threads)
+        if rank >= config.attention_workers:
             conn.send(("ok", worker.info()))
             worker.serve(lambda stats: conn.send(("ok", stats)))
             return
-        worker = AttentionWorker(config, model_config, groups, placement)
         conn.send(("ok", worker.info()))
         while True:
             method, *args = conn.recv()

@@ -1,0 +1,104 @@
+"""Recovery: an expert worker actor is killed in the middle of a streaming request. That stream must end with an
+error naming the dead worker (not hang); the replica rebuilds its workers in place, a request sent during the
+rebuild waits for it, and later requests give the single-process engine's tokens. If the engine cannot be rebuilt,
+it stops and refuses requests with the cause (so the replica fails its health check, and Serve replaces it)."""
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from cluster.ray_executor import NAMESPACE  # noqa: E402
+from cluster.serve_app import ServeOptions, build_serve_app  # noqa: E402
+from router.async_engine import AsyncEngine, EngineError  # noqa: E402
+from router.engine_config import EngineConfig  # noqa: E402
+from router.llm_engine import LLMEngine  # noqa: E402
+from tests.fake_runner import fake_engine  # noqa: E402
+from workers.executor import WorkerError  # noqa: E402
+from workers.sampling_params import SamplingParams  # noqa: E402
+
+PROMPT = "def fibonacci(n):"
+SHORT = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_killed_expert_fails_its_stream_and_the_instance_recovers(checkpoint_dir):
+    d = checkpoint_dir("v2_lite")
+    local_config = EngineConfig(model=str(d), dtype="float32", kv_cache_gib=0.05, max_model_len=512)
+    local = LLMEngine.from_config(local_config)
+    want = local.generate([local.tokenizer.encode(PROMPT)], [SamplingParams(**{
+        k: v for k, v in SHORT.items() if k in ("max_tokens", "temperature", "ignore_eos")})])[0].outputs[0].token_ids
+    local.shutdown()
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        config = EngineConfig(**{**local_config.__dict__, "attention_workers": 1, "expert_workers": 2,
+                                 "worker_threads": 1})
+        serve.run(build_serve_app(ServeOptions(config, model_name="tiny")), name="moe-serve", route_prefix="/")
+
+        long = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", url, json=long, timeout=60) as r:
+            replica = r.headers["x-moe-serve-replica"]
+            events = r.iter_lines()
+            assert next(e for e in events if e.startswith("data: {"))  # tokens are coming
+            victim = ray.get_actor(f"moe-serve/{replica}/expert-1", namespace=NAMESPACE)
+            ray.kill(victim)
+            killed = time.monotonic()
+            rest = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+        assert "error" in rest[-1], rest[-1]
+        message = rest[-1]["error"]["message"]  # the engine's own words, no Ray traceback around them
+        assert message.startswith(f"the engine failed while running this request: worker moe-serve/{replica}/"
+                                  "expert-1 died: ") and "ray.kill" in message and "\n" not in message, message
+        assert len(rest) < 400  # cut short
+
+        after = httpx.post(url, json=SHORT, timeout=120)  # sent while the workers are rebuilt: it waits
+        recovery_s = time.monotonic() - killed
+        assert after.status_code == 200, after.text
+        assert after.headers["x-moe-serve-replica"] == replica  # rebuilt in place, not replaced
+        assert after.json()["choices"][0]["token_ids"] == want
+        print(f"recovery: expert killed -> first successful request {recovery_s:.2f} s")
+
+        again = httpx.post(url, json=SHORT, timeout=60)
+        assert again.json()["choices"][0]["token_ids"] == want
+        reborn = ray.get_actor(f"moe-serve/{replica}/expert-1", namespace=NAMESPACE)
+        assert reborn._actor_id != victim._actor_id
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_an_engine_that_cannot_be_rebuilt_stops_and_refuses_with_the_cause():
+    def dead(plans):
+        raise WorkerError("worker moe-serve/r/attention-0 died")
+
+    def rebuild():
+        raise WorkerError("the cluster found no room for 2 expert workers")
+
+    core = fake_engine()
+    core.executor.execute = dead
+    eng = AsyncEngine(core, rebuild=rebuild)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    async def run():
+        async for _ in eng.generate([1, 2, 3], params):
+            pass
+
+    with pytest.raises(EngineError, match="attention-0 died"):
+        asyncio.run(run())
+    with pytest.raises(EngineError, match="the engine stopped: the cluster found no room"):
+        asyncio.run(run())
+    assert not eng.alive  # EngineServer's health check fails
