@@ -149,34 +149,96 @@ def default_model() -> str:
     return str(default_checkpoint())
 
 
+UP_FIELDS = {  # `moe-serve up` flags -> the config fields they override
+    "model": "model.path", "served_model_name": "model.name", "dtype": "model.dtype", "device": "model.device",
+    "random_weights": "model.random_weights", "max_num_seqs": "scheduler.max_num_seqs",
+    "max_num_batched_tokens": "scheduler.max_num_batched_tokens", "max_model_len": "scheduler.max_model_len",
+    "kv_cache_gib": "cache.kv_cache_gib", "no_prefix_caching": "cache.prefix_caching",
+    "attention_workers": "topology.attention_workers", "expert_workers": "topology.expert_workers",
+    "expert_placement": "topology.expert_placement", "micro_batches": "topology.micro_batches",
+    "engine_replicas": "replicas.engine", "engine_cpus": "resources.engine.cpus", "host": "server.host",
+    "http_port": "server.http_port", "grpc_port": "server.grpc_port", "api_key": "server.api_keys",
+}
+
+
+def overrides(args) -> dict:
+    """{config field: value} for the flags given (those left out are not in args)."""
+    given = {UP_FIELDS[k]: v for k, v in vars(args).items() if k in UP_FIELDS}
+    if "model.path" in given:
+        given["model.path"] = str(Path(given["model.path"]).resolve())  # relative to here, not to the config
+    if "cache.prefix_caching" in given:
+        given["cache.prefix_caching"] = not given["cache.prefix_caching"]
+    if "topology.expert_placement" in given:
+        given["topology.expert_placement"] = list(given["topology.expert_placement"])
+    return given
+
+
+def say(message: str) -> None:
+    print(f"moe-serve: {message}", flush=True)
+
+
 def cmd_up(args) -> int:
-    """Starts (or joins) Ray, deploys the Serve application, prints the endpoints, and serves until Ctrl-C."""
+    """Loads the config, starts (or joins) Ray, deploys the Serve application, prints the endpoints, and serves
+    until Ctrl-C."""
     import ray
     from ray import serve
 
-    from cluster.serve_app import ServeOptions, build_serve_app, grpc_options
+    from cluster.serve_app import build_serve_app, grpc_options
+    from cluster.serve_config import ServeConfig
+    from cluster.status_board import remove_board
+    from workers.config import ModelConfig
 
-    model = args.model or default_model()
-    options = ServeOptions(engine_config(args, model), model_name=args.served_model_name or Path(model).name,
-                           engine_replicas=args.engine_replicas, api_keys=tuple(args.api_key or ()),
-                           engine_cpus=args.engine_cpus)
-    print(f"moe-serve: starting Ray ({args.address or 'local'}) and loading {model} ...", flush=True)
-    ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
-    serve.start(http_options={"host": args.host, "port": args.http_port},
-                grpc_options=grpc_options(args.grpc_port))
-    serve.run(build_serve_app(options), name="moe-serve", route_prefix="/")
-    print(f"moe-serve: serving '{options.model_name}'\n"
-          f"  HTTP (OpenAI-compatible): http://{args.host}:{args.http_port}/v1\n"
-          f"  gRPC (moe_serve.v1.MoeServe): {args.host}:{args.grpc_port}\n"
-          "Ctrl-C stops it.", flush=True)
+    config = ServeConfig.load(args.config, overrides(args))
+    say(f"config {args.config or '(none): the tiny CPU default, as configs/tiny-cpu.yaml'}")
+    if config.model.path is None:
+        say("preparing the built-in tiny checkpoint (made on first use, then cached) ...")
+    model = config.model.path or default_model()
+    plan = config.check(ModelConfig.from_pretrained(model))
+    if plan is not None:
+        print(plan.describe(), flush=True)
+    options = config.serve_options(model)
+    server = config.server
+    say(f"starting Ray ({args.address or 'local'}) ...")
+    ray.init(address=args.address or "local", logging_level=logging.WARNING)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop, handled as Ctrl-C
     try:
+        serve.start(http_options={"host": server.host, "port": server.http_port},
+                    grpc_options=grpc_options(server.grpc_port))
+        replicas = options.min_replicas or options.engine_replicas
+        say(f"deploying '{options.model_name}'; waiting for {replicas} engine replica(s) to load {model} ...")
+        serve.run(build_serve_app(options), name="moe-serve", route_prefix="/")
+        say(f"serving '{options.model_name}'\n"
+            f"  HTTP (OpenAI-compatible): http://{server.host}:{server.http_port}/v1\n"
+            f"  gRPC (moe_serve.v1.MoeServe): {server.host}:{server.grpc_port}\n"
+            f"`moe-serve status` shows the replicas (Ray at {ray.get_runtime_context().gcs_address}); "
+            "Ctrl-C stops it.")
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        print("moe-serve: shutting down", flush=True)
+        say("shutting down")
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the shutdown short
+            signal.signal(sig, signal.SIG_IGN)
         serve.shutdown()
+        remove_board()
+        ray.shutdown()
+    return 0
+
+
+def cmd_status(args) -> int:
+    """Prints the running cluster's Serve application, engine replicas with their caches, and actors per node."""
+    import ray
+
+    from cluster.cluster_status import ClusterStatus
+
+    try:
+        ray.init(address=args.address or "auto", logging_level=logging.ERROR, log_to_driver=False)
+    except ConnectionError as e:
+        raise InputError(f"no running Ray cluster to show ({e}); start one with `moe-serve up` (a cluster with "
+                         "token authentication needs RAY_AUTH_MODE=token with --address)") from None
+    try:
+        print(ClusterStatus.collect().render())
+    finally:
         ray.shutdown()
     return 0
 
@@ -215,18 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print JSON lines instead of text")
     add_engine_args(g)
     g.set_defaults(func=cmd_generate)
-    u = sub.add_parser("up", help="serve over HTTP (OpenAI-compatible) and gRPC on Ray Serve, until Ctrl-C")
-    u.add_argument("--model", default=None, help="local HF checkpoint directory (default: the tiny embedded model)")
-    u.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the dir's)")
-    u.add_argument("--engine-replicas", type=int, default=1, help="whole model instances behind the router")
-    u.add_argument("--engine-cpus", type=float, default=1.0, help="Ray CPUs reserved per engine replica")
-    u.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes the server)")
-    u.add_argument("--http-port", type=int, default=8000)
-    u.add_argument("--grpc-port", type=int, default=9000)
-    u.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
+    u = sub.add_parser("up", help="serve over HTTP (OpenAI-compatible) and gRPC on Ray Serve, until Ctrl-C",
+                       description="Flags given override the config file's fields.")
+    u.add_argument("config", nargs="?", default=None,
+                   help="YAML config (configs/*.yaml; default: the tiny CPU model, as configs/tiny-cpu.yaml)")
+    u.add_argument("--model", help="local HF checkpoint directory (model.path)")
+    u.add_argument("--served-model-name", help="the model's name in the API (model.name)")
+    u.add_argument("--engine-replicas", type=int, help="whole model instances behind the router (replicas.engine)")
+    u.add_argument("--engine-cpus", type=float, help="Ray CPUs reserved per engine replica (resources.engine.cpus)")
+    u.add_argument("--host", help="address to listen on; 0.0.0.0 exposes the server (server.host)")
+    u.add_argument("--http-port", type=int)
+    u.add_argument("--grpc-port", type=int)
+    u.add_argument("--address", default=None,
+                   help="an existing Ray cluster, 'auto' for the one `ray start` made here (default: a new local one)")
     u.add_argument("--api-key", action="append", help="require 'Authorization: Bearer KEY' (repeatable)")
     add_engine_args(u)
+    for action in u._actions:  # a flag left out must not override the config with its default
+        if action.dest in UP_FIELDS:
+            action.default = argparse.SUPPRESS
     u.set_defaults(func=cmd_up)
+    st = sub.add_parser("status", help="the running cluster: Serve replicas, engine caches, actors per node")
+    st.add_argument("--address", default=None, help="the Ray cluster (default: the one running here)")
+    st.set_defaults(func=cmd_status)
     t = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint (for demos and tests)")
     t.add_argument("dir")
     t.add_argument("--kind", default="v2_lite", choices=list(SHAPES))

@@ -18,6 +18,7 @@ from functools import partial
 from typing import NamedTuple
 
 from cluster.ray_executor import RayExecutor, WorkerPools
+from cluster.status_board import publish
 from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.engine_stats import EngineStats
@@ -68,6 +69,7 @@ class EngineServer:
 
     def record_routing_stats(self) -> dict:
         s = self.engine.stats()
+        publish(self.replica, s)  # for `moe-serve status`
         return {"outstanding_tokens": s.outstanding_tokens, "kv_usage": s.kv_usage, "waiting": s.waiting}
 
     def check_health(self) -> None:

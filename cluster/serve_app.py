@@ -21,12 +21,17 @@ class ServeOptions:
     engine: EngineConfig
     model_name: str = "moe-serve"
     engine_replicas: int = 1  # fixed count, unless max_replicas > min_replicas
+    router_replicas: int = 1  # Ingress replicas
     min_replicas: int | None = None  # autoscaling bounds on engine replicas
     max_replicas: int | None = None
     target_ongoing_requests: float = 16.0
+    upscale_delay_s: float = 2.0
+    downscale_delay_s: float = 10.0
+    look_back_period_s: float = 30.0  # ongoing requests averaged over this window, sampled 4 times in it
     max_ongoing_requests: int = 256  # per engine replica
     engine_cpus: float = 1.0  # Ray resources per engine replica
     engine_gpus: float = 0.0
+    engine_resources: dict = field(default_factory=dict)  # custom Ray resources per engine replica
     # Ray resources of each attention / expert worker ("CPU", "GPU", custom ones to pin a pool to a node type)
     attention_worker_resources: dict = field(default_factory=lambda: {"CPU": 1.0})
     expert_worker_resources: dict = field(default_factory=lambda: {"CPU": 1.0})
@@ -39,8 +44,9 @@ class ServeOptions:
         if self.max_replicas is None or self.max_replicas == (self.min_replicas or 1):
             return None
         return {"min_replicas": self.min_replicas or 1, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": 2.0,
-                "downscale_delay_s": 10.0}
+                "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s, "look_back_period_s": self.look_back_period_s,
+                "metrics_interval_s": min(10.0, self.look_back_period_s / 4)}
 
 
 def build_serve_app(options: ServeOptions):
@@ -57,13 +63,14 @@ def build_serve_app(options: ServeOptions):
         num_replicas=None if autoscaling else options.engine_replicas,
         autoscaling_config=autoscaling,
         max_ongoing_requests=options.max_ongoing_requests,
-        ray_actor_options={"num_cpus": options.engine_cpus, "num_gpus": options.engine_gpus},
+        ray_actor_options={"num_cpus": options.engine_cpus, "num_gpus": options.engine_gpus,
+                           "resources": options.engine_resources},
         request_router_config=RequestRouterConfig(
             request_router_class="router.least_work_router:LeastWorkRouter",
             request_routing_stats_period_s=options.routing_stats_period_s),
         health_check_period_s=2.0,  # a replica whose engine could not be rebuilt is replaced soon
     ).bind(options.engine, WorkerPools(options.attention_worker_resources, options.expert_worker_resources))
-    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=1,
+    ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=options.router_replicas,
                                max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine, options.engine.model, options.model_name, options.api_keys, options.session_ttl_s)
 

@@ -1,0 +1,124 @@
+"""YAML configs: every file in configs/ loads, and each GPU config fits its GPUs by the memory plan from the
+published shapes; an impossible one is refused with the plan; bad files are errors naming the file and the field;
+`moe-serve up` flags override only the fields given."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cluster.cli import build_parser, main, overrides
+from cluster.memory_plan import MemoryPlan
+from cluster.serve_config import ServeConfig, ServeConfigError
+from router.engine_config import EngineConfig
+from workers.config import ModelConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+SHAPES = ROOT / "benchmarks" / "shapes"
+GPU_CONFIGS = {"deepseek-coder-v2-lite-1gpu.yaml", "deepseek-coder-v2-lite-4gpu.yaml",
+               "deepseek-v2-236b-2x8gpu.yaml", "deepseek-coder-6.7b-1gpu.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_validates_and_gpu_configs_fit(path):
+    config = ServeConfig.load(str(path))
+    options = config.serve_options(config.model.path or "/tmp/tiny")
+    assert options.engine.attention_workers == config.topology.attention_workers
+    if config.autoscaling is None:
+        assert options.autoscaling is None
+    else:  # Serve's autoscaling config carries the file's bounds and delays
+        assert config.autoscaling.model_dump().items() <= options.autoscaling.items()
+    assert config.uses_gpus == (path.name in GPU_CONFIGS)
+    if config.uses_gpus:
+        plan = config.check(config.model_shapes())
+        assert plan.fits and len(plan.workers) == config.topology.attention_workers + config.topology.expert_workers
+        assert all(w.cache_tokens is None or w.cache_tokens >= plan.max_model_len for w in plan.workers)
+
+
+def test_tiny_cpu_yaml_is_the_default():
+    assert ServeConfig.load(str(ROOT / "configs/tiny-cpu.yaml")).serve_options("m") == \
+        ServeConfig.load(None).serve_options("m")
+
+
+@pytest.mark.parametrize("shapes, billions, kv_bytes", [
+    ("deepseek-v2-236b", 236, 60 * (512 + 64) * 2),
+    ("deepseek-coder-v2-lite", 15.7, 27 * (512 + 64) * 2),
+    ("deepseek-coder-6.7b", 6.7, 32 * 2 * 4096 * 2),
+])
+def test_memory_plan_counts_the_published_sizes(shapes, billions, kv_bytes):
+    model = ModelConfig.from_pretrained(SHAPES / shapes)
+    whole = MemoryPlan.build(EngineConfig(dtype="bfloat16"), model, 10**15)
+    assert whole.workers[0].weight_bytes / 2 / 1e9 == pytest.approx(billions, rel=0.01)
+    assert whole.kv_bytes_per_token == kv_bytes
+    if model.n_routed_experts:  # split: attention side + every expert worker's share = the whole model
+        split = MemoryPlan.build(EngineConfig(dtype="bfloat16", attention_workers=2, expert_workers=3), model, 10**15)
+        attention, *experts = [w.weight_bytes for w in split.workers[1:]]
+        assert split.workers[0].weight_bytes == attention and attention + sum(experts) == whole.workers[0].weight_bytes
+        assert split.workers[0].cache_tokens > whole.workers[0].cache_tokens
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    (f"model: {{shapes: {SHAPES / 'deepseek-v2-236b'}}}\nresources: {{engine: {{gpus: 1}}}}\n",
+     r"the model does not fit:.*engine replica: 471\.5 GB of weights do not fit on one 80 GB GPU.*expert workers"),
+    (f"model: {{shapes: {SHAPES / 'deepseek-coder-6.7b'}}}\nresources: {{gpu_memory_gb: 16, engine: {{gpus: 1}}}}\n",
+     r"the model does not fit:.*engine replica: its KV cache holds \d+ tokens, less than one 16384-token sequence"),
+])
+def test_an_impossible_plan_is_refused_with_the_plan(tmp_path, yaml_text, message):
+    path = tmp_path / "big.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ServeConfigError, match="(?s)" + re.escape(f"{path}: ") + message) as e:
+        ServeConfig.load(str(path))
+    assert "memory plan (" in str(e.value)
+
+
+@pytest.mark.parametrize("yaml_text, field, message", [
+    ("topology:\n  expert_worker: 2\n", "topology.expert_worker", "unknown field; did you mean 'expert_workers'"),
+    ("sheduler: {}\n", "sheduler", "unknown field; did you mean 'scheduler'"),
+    ("scheduler:\n  max_num_seqs: lots\n", "scheduler.max_num_seqs", "valid integer"),
+    ("resources:\n  engine: {gpus: one}\n", "resources.engine.gpus", "valid number"),
+    ("model: {dtype: fp8}\n", "model.dtype", "'auto', 'float32', 'bfloat16' or 'float16'"),
+    (f"model: {{shapes: {SHAPES / 'deepseek-coder-6.7b'}}}\ntopology: {{expert_workers: 2}}\n",
+     "topology.expert_workers", "the model is dense"),
+    (f"model: {{shapes: {SHAPES / 'deepseek-coder-v2-lite'}}}\ntopology: {{expert_workers: 65}}\n",
+     "topology.expert_workers", "65 expert workers for 64 routed experts"),
+    ("topology: {expert_placement: [0, 1]}\n", "topology.expert_placement", "needs topology.expert_workers"),
+    ("autoscaling: {min_replicas: 3, max_replicas: 2}\n", "autoscaling.max_replicas", "below min_replicas"),
+    ("autoscaling: {max_replicas: 2}\nreplicas: {engine: 2}\n", "replicas.engine", "not both"),
+    ("autoscaling: {min_replicas: 2}\n", "autoscaling.max_replicas", "required"),
+    ("model: {shapes: nowhere}\n", "model.shapes", "no config.json in"),
+])
+def test_bad_config_names_file_and_field(tmp_path, yaml_text, field, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ServeConfigError, match=re.escape(f"{path}: {field}: ") + ".*" + re.escape(message)):
+        ServeConfig.load(str(path))
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("model: [\n", r":2: not valid YAML"),
+    ("- 1\n", r": expected sections .* not a list"),
+])
+def test_not_a_config(tmp_path, yaml_text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ServeConfigError, match=re.escape(str(path)) + message):
+        ServeConfig.load(str(path))
+
+
+def test_up_flags_given_override_the_file_and_only_those():
+    path = str(ROOT / "configs/deepseek-coder-v2-lite-4gpu.yaml")
+    args = build_parser().parse_args(["up", path, "--expert-workers", "4", "--max-num-seqs", "8",
+                                      "--no-prefix-caching", "--api-key", "k1", "--api-key", "k2"])
+    options = ServeConfig.load(args.config, overrides(args)).serve_options("/models/x")
+    e = options.engine
+    assert (e.expert_workers, e.max_num_seqs, e.enable_prefix_caching, options.api_keys) == (4, 8, False, ("k1", "k2"))
+    assert (e.attention_workers, e.max_num_batched_tokens, e.dtype) == (2, 8192, "bfloat16")  # from the file
+    assert options.attention_worker_resources == {"CPU": 4.0, "GPU": 1.0}
+    assert overrides(build_parser().parse_args(["up", path])) == {}
+
+
+def test_up_reports_a_bad_config_before_starting_anything(capsys):
+    path = str(ROOT / "configs/deepseek-coder-6.7b-1gpu.yaml")
+    assert main(["up", path, "--expert-workers", "2"]) == 2
+    assert f"{path}: topology.expert_workers: the model is dense" in capsys.readouterr().err
