@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from cluster.bench import add_bench_parser
 from cluster.tiny_checkpoint import SHAPES
 from router.engine_config import EngineConfig
 from workers.checkpoint import CheckpointError
@@ -200,7 +201,8 @@ def cmd_up(args) -> int:
     server = config.server
     say(f"starting Ray ({args.address or 'local'}) ...")
     ray.init(address=args.address or "local", logging_level=logging.WARNING)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a service manager's stop, handled as Ctrl-C
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager's stop (even if started with
+        signal.signal(sig, signal.default_int_handler)  # SIGINT ignored, as a background job is)
     try:
         serve.start(http_options={"host": server.host, "port": server.http_port},
                     grpc_options=grpc_options(server.grpc_port))
@@ -212,6 +214,7 @@ def cmd_up(args) -> int:
             f"  gRPC (moe_serve.v1.MoeServe): {server.host}:{server.grpc_port}\n"
             f"`moe-serve status` shows the replicas (Ray at {ray.get_runtime_context().gcs_address}); "
             "Ctrl-C stops it.")
+        first_request(server, options.model_name)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -223,6 +226,31 @@ def cmd_up(args) -> int:
         remove_board()
         ray.shutdown()
     return 0
+
+
+def first_request(server, model_name: str) -> None:
+    """Sends the server one real chat request over HTTP and prints it with its answer (and the curl to repeat it)."""
+    import urllib.request
+
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::") else server.host
+    url = f"http://{host}:{server.http_port}/v1/chat/completions"
+    body = {"model": model_name, "max_tokens": 24, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a Python function that adds two numbers."}]}
+    headers = {"Content-Type": "application/json"}
+    if server.api_keys:
+        headers["Authorization"] = f"Bearer {server.api_keys[0]}"
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, json.dumps(body).encode(), headers), timeout=120) as r:
+            reply = json.load(r)
+    except OSError as e:
+        say(f"the first request failed: {e}")
+        return
+    usage = reply["usage"]
+    say(f"first request answered in {time.perf_counter() - t0:.2f} s ({usage['prompt_tokens']} prompt tokens, "
+        f"{usage['completion_tokens']} generated):\n"
+        f"  curl {url} -H 'Content-Type: application/json' -d '{json.dumps(body)}'\n"
+        f"  -> {reply['choices'][0]['message']['content']!r}")
 
 
 def cmd_status(args) -> int:
@@ -304,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kind", default="v2_lite", choices=list(SHAPES))
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_tiny_checkpoint)
+    add_bench_parser(sub)
     return parser
 
 

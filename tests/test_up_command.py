@@ -1,0 +1,55 @@
+"""`moe-serve up` with no arguments, as a user runs it: it makes the embedded default model, serves it, answers a
+first real request over HTTP and prints it, serves others over HTTP and gRPC, and Ctrl-C stops it cleanly."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import httpx
+import psutil
+
+from proto import moe_serve_pb2 as pb
+from proto import moe_serve_pb2_grpc as pb_grpc
+from tests.test_serve_app import free_port
+
+
+def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path):
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--http-port", str(http_port),
+                             "--grpc-port", str(grpc_port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "".join(lines)  # it exited early
+            lines.append(line)
+            if line.startswith("  -> "):  # the first request's answer
+                break
+        out = "".join(lines)
+        assert f"HTTP (OpenAI-compatible): http://127.0.0.1:{http_port}/v1" in out
+        assert "first request answered" in out and "24 generated" in out
+        assert (tmp_path / "moe-serve" / "tiny-deepseek-v2" / "tokenizer_config.json").is_file()
+        r = httpx.post(f"http://127.0.0.1:{http_port}/v1/completions", timeout=60,
+                       json={"prompt": "def f(", "max_tokens": 5, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            replies = list(pb_grpc.MoeServeStub(channel).Generate(
+                pb.GenerateRequest(text="def f(", params=pb.SamplingParams(max_tokens=5, temperature=0,
+                                                                             ignore_eos=True)),
+                metadata=[("application", "moe-serve")]))
+        assert sum(len(m.token_ids) for m in replies) == 5
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started
+        assert any("raylet" in c.name() for c in ray_processes)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, rest
+    assert "moe-serve: shutting down" in rest
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, alive  # Ray went down with it
