@@ -4,7 +4,6 @@ latencies it reports must add up to that, its token counts to what was asked, an
 import argparse
 import asyncio
 import json
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -20,6 +19,7 @@ from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine, load_tokenizer
 from router.openai_server import build_app
 from tests.fake_runner import FakeExecutor
+from workers.multiproc_executor import free_port
 
 STEP_S = 0.01  # each engine step sleeps this long: a floor under every gap between tokens
 N, INPUT_LEN, OUTPUT_LEN = 8, 16, 6
@@ -29,12 +29,6 @@ class SlowExecutor(FakeExecutor):
     def execute(self, plans):
         time.sleep(STEP_S)
         return super().execute(plans)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 pinned to one node and the expert pool to the other by custom resources, served through the Serve app over HTTP.
 The workers must land where their pool says, and the greedy tokens must equal the single-process engine's."""
 
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,16 +15,11 @@ from cluster.ray_executor import NAMESPACE  # noqa: E402
 from cluster.serve_app import ServeOptions, build_serve_app  # noqa: E402
 from router.engine_config import EngineConfig  # noqa: E402
 from router.llm_engine import LLMEngine  # noqa: E402
+from workers.multiproc_executor import free_port  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
 
 PROMPTS = ["def add(a, b):", "import numpy as np\n", "class Stack:\n    def push(self, x):", "# quicksort in C"]
 NODE = {"num_cpus": 3, "object_store_memory": 100 * 2**20}  # a CPU to spare for the engine replica, wherever it lands
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_attention_and_expert_pools_on_their_nodes_give_the_single_process_tokens(checkpoint_dir):

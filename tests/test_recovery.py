@@ -5,7 +5,6 @@ it stops and refuses requests with the cause (so the replica fails its health ch
 
 import asyncio
 import json
-import socket
 import time
 
 import httpx
@@ -21,16 +20,11 @@ from router.engine_config import EngineConfig  # noqa: E402
 from router.llm_engine import LLMEngine  # noqa: E402
 from tests.fake_runner import fake_engine  # noqa: E402
 from workers.executor import WorkerError  # noqa: E402
+from workers.multiproc_executor import free_port  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
 
 PROMPT = "def fibonacci(n):"
 SHORT = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_killed_expert_fails_its_stream_and_the_instance_recovers(checkpoint_dir):

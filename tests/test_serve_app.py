@@ -2,7 +2,6 @@
 grpc.health.v1, reflection and Serve's own Healthz), and LeastWorkRouter over two engine replicas: new requests go
 to the less-loaded replica, and a session stays on the replica that holds its history."""
 
-import socket
 import threading
 
 import grpc
@@ -20,15 +19,10 @@ from proto import moe_serve_pb2_grpc as pb_grpc  # noqa: E402
 from router.engine_config import EngineConfig  # noqa: E402
 from router.llm_engine import LLMEngine  # noqa: E402
 from tests.harness import parsed  # noqa: E402
+from workers.multiproc_executor import free_port  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
 
 APP = [("application", "moe-serve")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

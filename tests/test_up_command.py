@@ -13,7 +13,7 @@ import psutil
 
 from proto import moe_serve_pb2 as pb
 from proto import moe_serve_pb2_grpc as pb_grpc
-from tests.test_serve_app import free_port
+from workers.multiproc_executor import free_port
 
 
 def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path):
