@@ -82,7 +82,17 @@ def grpc_options(port: int):
 
 
 def app_builder(args: dict):
-    """For `serve run cluster.serve_app:app_builder key=value ...`: EngineConfig and ServeOptions fields."""
+    """For `serve run cluster.serve_app:app_builder config=configs/x.yaml` (or a Serve config file's import_path,
+    with `args: {config: ...}`), or `... key=value ...` of EngineConfig and ServeOptions fields."""
+    if "config" in args:
+        from cluster.serve_config import ServeConfig
+        from cluster.tiny_checkpoint import default_checkpoint
+        from workers.config import ModelConfig
+
+        config = ServeConfig.load(args["config"])
+        model = config.model.path or str(default_checkpoint())
+        config.check(ModelConfig.from_pretrained(model))
+        return build_serve_app(config.serve_options(model))
     engine_keys = {f.name for f in fields(EngineConfig)}
     engine = EngineConfig(**{k: coerce(EngineConfig, k, v) for k, v in args.items() if k in engine_keys})
     rest = {k: coerce(ServeOptions, k, v) for k, v in args.items() if k not in engine_keys}

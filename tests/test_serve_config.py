@@ -122,3 +122,17 @@ def test_up_reports_a_bad_config_before_starting_anything(capsys):
     path = str(ROOT / "configs/deepseek-coder-6.7b-1gpu.yaml")
     assert main(["up", path, "--expert-workers", "2"]) == 2
     assert f"{path}: topology.expert_workers: the model is dense" in capsys.readouterr().err
+
+
+def test_serve_import_path_takes_a_config(tmp_path, checkpoint_dir):
+    from ray.serve import Application
+
+    from cluster.serve_app import app_builder
+
+    good = tmp_path / "good.yaml"
+    good.write_text(f"model: {{path: {checkpoint_dir('v2_lite')}}}\ntopology: {{expert_workers: 2}}\n")
+    assert isinstance(app_builder({"config": str(good)}), Application)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("topology: {expert_worker: 2}\n")
+    with pytest.raises(ServeConfigError, match="topology.expert_worker"):
+        app_builder({"config": str(bad)})
