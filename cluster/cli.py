@@ -16,7 +16,7 @@ from cluster.tiny_checkpoint import SHAPES
 from router.engine_config import EngineConfig
 from workers.checkpoint import CheckpointError
 from workers.config import ConfigError
-from workers.multiproc_executor import WorkerError
+from workers.executor import WorkerError
 from workers.sampling_params import SamplingParams
 
 REQUEST_FIELDS = {"prompt", "prompt_token_ids"} | {f.name for f in dataclasses.fields(SamplingParams)}
@@ -206,8 +206,8 @@ def cmd_up(args) -> int:
     try:
         serve.start(http_options={"host": server.host, "port": server.http_port},
                     grpc_options=grpc_options(server.grpc_port))
-        replicas = options.min_replicas or options.engine_replicas
-        say(f"deploying '{options.model_name}'; waiting for {replicas} engine replica(s) to load {model} ...")
+        say(f"deploying '{options.model_name}'; waiting for {options.initial_replicas} engine replica(s) to load "
+            f"{model} ...")
         serve.run(build_serve_app(options), name="moe-serve", route_prefix="/")
         say(f"serving '{options.model_name}'\n"
             f"  HTTP (OpenAI-compatible): http://{server.host}:{server.http_port}/v1\n"

@@ -66,7 +66,6 @@ class RayExecutor(Executor):
         self.serving = {actor.serve.remote(): A + i for i, actor in enumerate(self.actors[A:])}
         self.num_blocks = tuple(info["num_blocks"] for info in infos[:A])
         self.block_size = infos[0]["block_size"]
-        self.expert_ids = [info["experts"] for info in infos[A:]]
         self.steps = 0
         self.control_s = 0.0  # step round trip minus the slowest attention worker's own time
 

@@ -40,6 +40,11 @@ class ServeOptions:
     routing_stats_period_s: float = 1.0
 
     @property
+    def initial_replicas(self) -> int:
+        """Engine replicas at start: the autoscaling floor, or the fixed count (min_replicas when min == max)."""
+        return self.min_replicas or self.engine_replicas
+
+    @property
     def autoscaling(self) -> dict | None:
         if self.max_replicas is None or self.max_replicas == (self.min_replicas or 1):
             return None
@@ -60,7 +65,7 @@ def build_serve_app(options: ServeOptions):
     autoscaling = options.autoscaling
     engine = serve.deployment(
         EngineServer, name="EngineServer",
-        num_replicas=None if autoscaling else options.engine_replicas,
+        num_replicas=None if autoscaling else options.initial_replicas,
         autoscaling_config=autoscaling,
         max_ongoing_requests=options.max_ongoing_requests,
         ray_actor_options={"num_cpus": options.engine_cpus, "num_gpus": options.engine_gpus,

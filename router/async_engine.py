@@ -128,35 +128,52 @@ class AsyncEngine:
     # --- the engine thread ---
 
     def _run(self) -> None:
-        while not self._stopped:
-            self._wake.clear()
-            self._take_messages()
-            if not self.engine.has_unfinished():
-                self._wake.wait()
-                continue
-            try:
-                outputs = self.engine.step()
-                workers = self._read_workers()
-            except WorkerError as e:
-                log.error("engine workers failed: %s", e)
-                self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
-                self._replace_engine(e)
-                continue
-            except Exception as e:  # noqa: BLE001 - reported to every request in flight
-                log.exception("engine step failed")
-                self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
-                continue
-            for out in outputs:
-                self._emit(out.request_id, out)
-            self._stats = self.engine.stats()._replace(workers=workers)
+        try:
+            while not self._stopped:
+                self._wake.clear()
+                self._take_messages()
+                if not self.engine.has_unfinished():
+                    self._wake.wait()
+                    continue
+                try:
+                    outputs = self.engine.step()
+                except WorkerError as e:
+                    self._lose_workers(e)
+                    continue
+                except Exception as e:  # noqa: BLE001 - reported to every request in flight
+                    log.exception("engine step failed")
+                    self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
+                    self._refresh_stats()
+                    continue
+                for out in outputs:
+                    self._emit(out.request_id, out)
+                self._read_workers()
+                self._refresh_stats()
+        finally:
+            self.engine.shutdown()  # also an engine rebuilt while shutdown() waited
 
-    def _read_workers(self) -> WorkerStats | None:
+    def _refresh_stats(self) -> None:
+        self._stats = self.engine.stats()._replace(workers=self._workers)
+
+    def _read_workers(self) -> None:
         """The workers' stats, read again every worker_stats_period_s (a report round with every worker)."""
         now = time.monotonic()
-        if now >= self._workers_read_at + self.worker_stats_period_s:
+        if now < self._workers_read_at + self.worker_stats_period_s:
+            return
+        self._workers_read_at = now
+        try:
             self._workers = self.engine.worker_stats(self._workers)
-            self._workers_read_at = now
-        return self._workers
+        except WorkerError as e:
+            self._lose_workers(e)
+        except Exception:  # noqa: BLE001 - only the metrics miss a reading
+            log.exception("reading the workers' stats failed")
+
+    def _lose_workers(self, cause: WorkerError) -> None:
+        """A worker died: the requests in flight get the error, and the engine is built anew."""
+        log.error("engine workers failed: %s", cause)
+        self._fail_all(EngineError(f"the engine failed while running this request: {cause}"))
+        self._replace_engine(cause)
+        self._refresh_stats()
 
     def _replace_engine(self, cause: Exception) -> None:
         """A new engine for the one whose workers failed; the requests sent meanwhile wait in the inbox. With no
@@ -182,7 +199,7 @@ class AsyncEngine:
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if message[0] == "add":
                 _, request_id, prompt_ids, params, session_id = message
                 try:
@@ -195,7 +212,7 @@ class AsyncEngine:
                 out = self.engine.abort(message[1])
                 if out is not None:
                     self._emit(message[1], out)
-        self._stats = self.engine.stats()
+        self._refresh_stats()
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):

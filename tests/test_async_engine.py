@@ -134,3 +134,37 @@ def test_a_failing_step_errors_its_requests_and_the_engine_goes_on():
     finally:
         eng.shutdown()
     assert len(after.outputs[0].token_ids) == 5 and core.scheduler.blocks.usage == 0.0
+
+
+def test_a_worker_lost_while_reporting_ends_no_stream_silently_and_the_rebuilt_engine_takes_requests():
+    """The workers' report round (for /metrics) finds a dead worker after a step whose requests finished: those
+    still get their outputs, the engine is rebuilt, and with stats refreshed it takes requests again, even though
+    the queue was at its limit when the worker died."""
+    from workers.executor import WorkerError
+
+    core = fake_engine(max_waiting=1)
+
+    def dead():
+        raise WorkerError("worker attention-0 died")
+
+    core.executor.profile = dead
+    rebuilt = []
+
+    def rebuild():
+        rebuilt.append(fake_engine(max_waiting=1))
+        return rebuilt[-1]
+
+    eng = AsyncEngine(core, worker_stats_period_s=0.0, rebuild=rebuild)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+
+    async def main():
+        first = await asyncio.wait_for(collect(eng, [1, 2, 3], one), timeout=10)
+        return first, await asyncio.wait_for(collect(eng, [4, 5], one), timeout=10)
+
+    try:
+        first, second = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert first.finished and len(first.outputs[0].token_ids) == 1
+    assert rebuilt and second.finished and len(second.outputs[0].token_ids) == 1
+    assert eng.stats().waiting == 0

@@ -47,9 +47,13 @@ class DispatchStats:
                 "sent": {layer: row.tolist() for layer, row in self.sent.items()},
                 "received": {layer: row.tolist() for layer, row in self.received.items()}}
 
-    def add(self, table: dict[int, torch.Tensor], layer: int, experts: torch.Tensor, counts: torch.Tensor) -> None:
-        row = table.setdefault(layer, counts.new_zeros(self.num_experts))
-        row.index_add_(0, experts.to(row.device), counts)
+    def add(self, table: dict[int, torch.Tensor], layer: int, experts: torch.Tensor | None,
+            counts: torch.Tensor) -> None:
+        row = table.setdefault(layer, counts.new_zeros(self.num_experts))  # [E], on counts' device (no sync)
+        if experts is None:  # counts of every expert, in order
+            row += counts
+        else:
+            row.index_add_(0, experts.to(row.device), counts)
 
 
 class A2AHandle(NamedTuple):

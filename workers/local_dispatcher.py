@@ -29,7 +29,7 @@ class LocalDispatcher(Dispatcher):
         flat = topk_ids.flatten()  # [T*K]
         order = flat.argsort(stable=True)  # [T*K]
         counts = torch.bincount(flat, minlength=self.num_experts)  # [E]
-        self.stats.add(self.stats.sent, self.layer, torch.arange(self.num_experts), counts)
+        self.stats.add(self.stats.sent, self.layer, None, counts)
         return DispatchOutput(hidden[order // K], counts, LocalHandle(order, topk_weights))
 
     def dispatch_wait(self, pending: DispatchOutput) -> DispatchOutput:
