@@ -44,6 +44,14 @@ def test_a_killed_expert_fails_its_stream_and_the_instance_recovers(checkpoint_d
                                  "worker_threads": 1})
         serve.run(build_serve_app(ServeOptions(config, model_name="tiny")), name="moe-serve", route_prefix="/")
 
+        base = f"http://127.0.0.1:{port}/v1"
+        sid = httpx.post(base + "/sessions", json={}).json()["id"]
+        chat = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        messages = [{"role": "user", "content": "write a sort"}]
+        first = httpx.post(base + "/chat/completions", headers={"X-Session-ID": sid}, timeout=60,
+                           json={**chat, "messages": messages}).json()
+        messages += [first["choices"][0]["message"], {"role": "user", "content": "now in C"}]
+
         long = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url, json=long, timeout=60) as r:
             replica = r.headers["x-moe-serve-replica"]
@@ -70,6 +78,20 @@ def test_a_killed_expert_fails_its_stream_and_the_instance_recovers(checkpoint_d
         assert again.json()["choices"][0]["token_ids"] == want
         reborn = ray.get_actor(f"moe-serve/{replica}/expert-1", namespace=NAMESPACE)
         assert reborn._actor_id != victim._actor_id
+
+        # the session made before the death goes on: its history, held by the router, is recomputed once
+        turn = httpx.post(base + "/chat/completions", headers={"X-Session-ID": sid}, timeout=60,
+                          json={**chat, "messages": messages})
+        assert turn.status_code == 200, turn.text
+        twin = httpx.post(base + "/sessions", json={}).json()["id"]  # the same two turns, nothing dying between
+        for n in (1, 3):
+            same = httpx.post(base + "/chat/completions", headers={"X-Session-ID": twin}, timeout=60,
+                              json={**chat, "messages": messages[:n]}).json()
+        assert turn.json()["choices"][0]["message"] == same["choices"][0]["message"]
+        messages += [turn.json()["choices"][0]["message"], {"role": "user", "content": "thanks"}]
+        third = httpx.post(base + "/chat/completions", headers={"X-Session-ID": sid}, timeout=60,
+                           json={**chat, "messages": messages}).json()
+        assert third["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # pinned again on the new workers
     finally:
         serve.shutdown()
         ray.shutdown()
