@@ -3,7 +3,8 @@
 
     python benchmarks/serving_comparison.py [--vllm-python /work/venvs/vllm/bin/python] [--work DIR] [--skip NAME]
 
-(make the vllm venv first: bash benchmarks/setup_vllm_cpu.sh). The model is offline_throughput.py's mini
+(make the vllm venv first: bash benchmarks/setup_vllm_cpu.sh). "moe-serve no Ray" is the same engine and HTTP app
+in one uvicorn process, for what Ray Serve's path costs. The model is offline_throughput.py's mini
 DeepSeek-V2 with the real MLA widths, float32. Each request: 32 random prompt token ids, 64 output tokens
 (ignore_eos, greedy). Each server starts in a fresh process and is stopped before the next starts; its bench
 JSON goes to the work dir, and a table of output tok/s and TTFT / TPOT p50 and p99 per concurrency is printed,
@@ -31,6 +32,14 @@ from benchmarks.offline_throughput import PRELOAD, VLLM_ENV, VOCAB, make_checkpo
 
 LEVELS = [(1, 16), (16, 128), (64, 192)]  # (concurrency, requests)
 INPUT_LEN, OUTPUT_LEN = 32, 64
+IN_PROCESS = """import sys, uvicorn
+from router.async_engine import AsyncEngine
+from router.engine_config import EngineConfig
+from router.llm_engine import LLMEngine
+from router.openai_server import build_app
+engine = AsyncEngine(LLMEngine.from_config(EngineConfig(model=sys.argv[1], dtype="float32", device="cpu")))
+uvicorn.run(build_app(engine, "mini"), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""  # the same engine and HTTP app in one process, without Ray Serve: what the served path costs
 WORKERS_2X2 = """topology: {attention_workers: 2, expert_workers: 2, micro_batches: 1}
 resources: {engine: {cpus: 0.2}, attention_worker: {cpus: 0.4}, expert_worker: {cpus: 0.4}}
 """
@@ -46,6 +55,7 @@ def servers(ckpt: Path, work: Path, vllm_python: str, port: int) -> dict[str, tu
     vllm = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
             "--served-model-name", "mini", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096"]
     return {"moe-serve colocated": (up, {}),
+            "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port)], {}),
             "moe-serve 2+2": (up[:4] + [str(work / "2x2.yaml")] + up[4:], {}),
             "vllm serve (eager)": (vllm, {**VLLM_ENV, "LD_PRELOAD": preload})}
 
