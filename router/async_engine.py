@@ -195,11 +195,13 @@ class AsyncEngine:
             self._emit(request_id, EngineError(self._failure))
 
     def _take_messages(self) -> None:
+        took = False
         while True:
             try:
                 message = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            took = True
             if message[0] == "add":
                 _, request_id, prompt_ids, params, session_id = message
                 try:
@@ -212,7 +214,8 @@ class AsyncEngine:
                 out = self.engine.abort(message[1])
                 if out is not None:
                     self._emit(message[1], out)
-        self._refresh_stats()
+        if took:  # (after a step, the stats are fresh already)
+            self._refresh_stats()
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):

@@ -159,11 +159,10 @@ def worker_main(config: EngineConfig, model_config: ModelConfig, placement: Expe
     """A worker process: build the worker, then serve the engine (attention) or the rounds (expert)."""
     try:
         worker = build_worker(config, model_config, placement, rank, init_method, threads)
+        conn.send(("ok", worker.info()))
         if rank >= config.attention_workers:
-            conn.send(("ok", worker.info()))
             worker.serve(lambda stats: conn.send(("ok", stats)))
             return
-        conn.send(("ok", worker.info()))
         while True:
             method, *args = conn.recv()
             conn.send(("ok", getattr(worker, method)(*args)))
