@@ -145,10 +145,10 @@ class AsyncEngine:
                     self._fail_all(EngineError(f"the engine failed while running this request: {e}"))
                     self._refresh_stats()
                     continue
+                self._refresh_stats()  # before the outputs: a client that saw its request end sees it gone
                 for out in outputs:
                     self._emit(out.request_id, out)
                 self._read_workers()
-                self._refresh_stats()
         finally:
             self.engine.shutdown()  # also an engine rebuilt while shutdown() waited
 
@@ -163,6 +163,7 @@ class AsyncEngine:
         self._workers_read_at = now
         try:
             self._workers = self.engine.worker_stats(self._workers)
+            self._refresh_stats()
         except WorkerError as e:
             self._lose_workers(e)
         except Exception:  # noqa: BLE001 - only the metrics miss a reading
