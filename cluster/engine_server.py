@@ -23,6 +23,7 @@ from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.engine_stats import EngineStats
 from router.llm_engine import LLMEngine
+from router.resumed_sample import ResumedSample
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ class EngineServer:
         log.info("engine replica %s ready: %s", self.replica, config.model)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       session_id: str | None = None):
-        outputs = await self.engine.submit(prompt_ids, params, request_id, session_id)
+                       session_id: str | None = None, resumed: tuple[ResumedSample, ...] = ()):
+        outputs = await self.engine.submit(prompt_ids, params, request_id, session_id, resumed)
         try:
             yield Accepted(self.replica, self.engine.stats())
             async for out in outputs:

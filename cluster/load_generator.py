@@ -3,7 +3,8 @@ each one from its SSE stream.
 
 Arrivals are all at once (closed loop: `concurrency` clients, each sending its next request when the last one
 ends) or a seeded Poisson process at `request_rate` per second (open loop, still capped at `concurrency` in
-flight). A chunk that carries tokens is one with choices; the usage chunk at the end has none.
+flight). With `duration_s`, the closed loop's clients go round the requests until that time is up. A chunk that
+carries tokens is one with choices; the usage chunk at the end has none.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class RequestResult:
     e2e_s: float  # sent -> end of the stream
     itl_s: tuple[float, ...]  # gaps between chunks with tokens
     error: str | None = None  # why it failed; None: completed
+    sent_at: float = 0.0  # time.perf_counter() when it was sent
+    text: str = ""  # the completion's text, as streamed
 
     @property
     def tpot_s(self) -> float | None:
@@ -75,7 +78,9 @@ class LoadGenerator:
         return models[0]["id"]
 
     async def run(self, model: str, requests: list[BenchRequest], concurrency: int,
-                  request_rate: float | None = None, seed: int = 0) -> RunResult:
+                  request_rate: float | None = None, seed: int = 0, duration_s: float | None = None) -> RunResult:
+        if duration_s is not None:
+            return await self._run_for(model, requests, concurrency, duration_s)
         gaps = random.Random(seed)
         slots = asyncio.Semaphore(concurrency)
         mode = "closed loop" if request_rate is None else f"Poisson {request_rate:g} req/s"
@@ -99,15 +104,33 @@ class LoadGenerator:
         bar.close()
         return RunResult(concurrency, request_rate, duration, tuple(results))
 
+    async def _run_for(self, model: str, requests: list[BenchRequest], concurrency: int,
+                       duration_s: float) -> RunResult:
+        """Closed loop for duration_s: each client sends the next request (round the list) as its last ends."""
+        bar = tqdm(desc=f"concurrency {concurrency}, {duration_s:g} s", unit="req")
+        turn = itertools.cycle(requests)
+        results: list[RequestResult] = []
+        t0 = time.perf_counter()
+
+        async def client(http: aiohttp.ClientSession) -> None:
+            while time.perf_counter() < t0 + duration_s:
+                results.append(await self._send(http, model, next(turn)))
+                bar.update()
+
+        async with self._session() as http:
+            await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        bar.close()
+        return RunResult(concurrency, None, time.perf_counter() - t0, tuple(results))
+
     async def _send(self, http: aiohttp.ClientSession, model: str, req: BenchRequest) -> RequestResult:
         body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0.0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         stamps: list[float] = []  # perf_counter() at each chunk with tokens
-        usage, done = None, False
+        usage, done, text = None, False, []
         start = time.perf_counter()
 
         def failed(why: str) -> RequestResult:
-            return RequestResult(0, 0, 0.0, time.perf_counter() - start, (), why)
+            return RequestResult(0, 0, 0.0, time.perf_counter() - start, (), why, start, "".join(text))
 
         try:
             async with http.post(f"{self.base_url}/v1/completions", json=body) as r:
@@ -122,6 +145,7 @@ class LoadGenerator:
                         return failed(f"error in stream: {chunk['error'].get('message', chunk['error'])}")
                     if chunk.get("choices"):
                         stamps.append(at)
+                        text.append(chunk["choices"][0].get("text", ""))
                     usage = chunk.get("usage") or usage
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
             return failed(f"{type(e).__name__}: {e}")
@@ -134,7 +158,8 @@ class LoadGenerator:
         prompt_tokens = usage.get("prompt_tokens", len(req.prompt) if isinstance(req.prompt, list) else 0)
         output_tokens = usage.get("completion_tokens", len(stamps))
         itl = tuple(b - a for a, b in itertools.pairwise(stamps))
-        return RequestResult(prompt_tokens, output_tokens, stamps[0] - start, end - start, itl)
+        return RequestResult(prompt_tokens, output_tokens, stamps[0] - start, end - start, itl, None, start,
+                             "".join(text))
 
 
 async def sse_data(content: aiohttp.StreamReader) -> AsyncIterator[tuple[float, str]]:

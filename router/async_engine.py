@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from router.engine_stats import EngineStats
 from router.llm_engine import LLMEngine
 from router.request_output import RequestOutput
+from router.resumed_sample import ResumedSample
 from router.worker_stats import WorkerStats
 from workers.executor import WorkerError
 from workers.sampling_params import SamplingParams
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     """A step failed while this request was in flight."""
+
+
+class EngineLost(EngineError):
+    """The engine that ran this request is gone (a worker or the replica died, or the engine stopped); the request
+    may go on elsewhere from the tokens it had."""
 
 
 class EngineBusy(RuntimeError):
@@ -67,10 +73,12 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                     session_id: str | None = None,
+                     resumed: tuple[ResumedSample, ...] = ()) -> AsyncIterator[RequestOutput]:
         """Takes a request, or refuses it now (ValueError: bad input; EngineBusy: the queue is full). Returns its
-        output stream, which must be consumed or closed: closing it early aborts the request."""
-        self.engine.validate(prompt_ids, params)
+        output stream, which must be consumed or closed: closing it early aborts the request. `resumed`: its
+        samples' tokens from an engine that was lost (LLMEngine.add_request)."""
+        self.engine.validate(prompt_ids, params, resumed)
         if self._stats.waiting >= self.engine.config.max_waiting:
             raise EngineBusy(f"the server is busy ({self._stats.waiting} requests queued); retry shortly")
         request_id = request_id or uuid.uuid4().hex
@@ -80,14 +88,15 @@ class AsyncEngine:
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if self._failure is not None:  # checked once registered: stopping fails every stream registered by then
             self._streams.pop(request_id, None)
-            raise EngineError(self._failure)
-        self._send(("add", request_id, list(prompt_ids), params, session_id))
+            raise EngineLost(self._failure)
+        self._send(("add", request_id, list(prompt_ids), params, session_id, tuple(resumed)))
         return OutputStream(self, request_id, stream)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                       session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       session_id: str | None = None,
+                       resumed: tuple[ResumedSample, ...] = ()) -> AsyncIterator[RequestOutput]:
         """submit() and its stream in one: the refusal comes at the first iteration."""
-        outputs = await self.submit(prompt_ids, params, request_id, session_id)
+        outputs = await self.submit(prompt_ids, params, request_id, session_id, resumed)
         try:
             async for out in outputs:
                 yield out
@@ -172,7 +181,7 @@ class AsyncEngine:
     def _lose_workers(self, cause: WorkerError) -> None:
         """A worker died: the requests in flight get the error, and the engine is built anew."""
         log.error("engine workers failed: %s", cause)
-        self._fail_all(EngineError(f"the engine failed while running this request: {cause}"))
+        self._fail_all(EngineLost(f"the engine failed while running this request: {cause}"))
         self._replace_engine(cause)
         self._refresh_stats()
 
@@ -193,7 +202,7 @@ class AsyncEngine:
         self._stopped = True
         self._failure = f"the engine stopped: {cause}"
         for request_id in list(self._streams):
-            self._emit(request_id, EngineError(self._failure))
+            self._emit(request_id, EngineLost(self._failure))
 
     def _take_messages(self) -> None:
         took = False
@@ -204,9 +213,9 @@ class AsyncEngine:
                 break
             took = True
             if message[0] == "add":
-                _, request_id, prompt_ids, params, session_id = message
+                _, request_id, prompt_ids, params, session_id, resumed = message
                 try:
-                    self.engine.add_request(prompt_ids, params, request_id, session_id)
+                    self.engine.add_request(prompt_ids, params, request_id, session_id, resumed)
                 except ValueError as e:
                     self._emit(request_id, e)
             elif message[0] == "end_session":

@@ -27,6 +27,13 @@ class IncrementalDetokenizer:
         self.text = ""  # the output text so far; cut at a stop string once one is found
         self.emitted = 0  # characters of text already handed out
 
+    def resume(self, token_ids: list[int], text_len: int) -> None:
+        """Takes over a sample begun elsewhere: its tokens decoded again, of which text_len characters were
+        handed out there (the rest, held back for stop strings, is still to come)."""
+        for t in token_ids:
+            self.add(t)
+        self.emitted = min(text_len, len(self.text))
+
     def add(self, token_id: int) -> bool:
         """Decodes one more token; True if the text now contains a stop string (and was cut there)."""
         piece = self.stream.step(self.backend, token_id)

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from ray.exceptions import RayTaskError
+from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
+from ray.serve.exceptions import ReplicaUnavailableError
 
+from router.async_engine import EngineLost
 from router.engine_stats import EngineStats
 from router.request_output import RequestOutput
+from router.resumed_sample import ResumedSample
 from router.worker_stats import WorkerStats
 from workers.sampling_params import SamplingParams
 
@@ -29,12 +32,14 @@ class EngineHandle:
         self.replica_stats: dict[str, EngineStats] = {}
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     session_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                     session_id: str | None = None,
+                     resumed: tuple[ResumedSample, ...] = ()) -> AsyncIterator[RequestOutput]:
         stream = self.handle.options(stream=True).generate.remote(prompt_ids=prompt_ids, params=params,
-                                                                  request_id=request_id, session_id=session_id)
+                                                                  request_id=request_id, session_id=session_id,
+                                                                  resumed=resumed)
         try:
             accepted = await stream.__anext__()
-        except RayTaskError as e:
+        except (RayTaskError, *REPLICA_LOST) as e:
             stream.cancel()
             raise replica_error(e) from None
         except BaseException:
@@ -78,7 +83,7 @@ class RemoteStream:
         except StopAsyncIteration:
             self.done = True
             raise
-        except RayTaskError as e:
+        except (RayTaskError, *REPLICA_LOST) as e:
             await self.aclose()
             raise replica_error(e) from None
         except BaseException:
@@ -99,6 +104,12 @@ class RemoteStream:
             self.stream.cancel()
 
 
-def replica_error(e: RayTaskError) -> Exception:
-    """What the replica raised (EngineError, ValueError, EngineBusy), without the Ray traceback around it."""
+REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavailableError)  # the replica died
+
+
+def replica_error(e: Exception) -> Exception:
+    """What the replica raised (EngineError, ValueError, EngineBusy), without the Ray traceback around it; its
+    death as EngineLost (the request may go on elsewhere)."""
+    if isinstance(e, REPLICA_LOST):
+        return EngineLost(f"the engine replica running this request died: {type(e).__name__}")
     return e.cause if isinstance(e.cause, Exception) else e

@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
 from router.async_engine import EngineBusy
+from router.migrating_stream import MigratingStream
 from router.request_error import RequestError
 from router.request_output import RequestOutput
+from router.resumed_sample import ResumedSample
 from router.session_store import Session, SessionError, SessionStore
 from workers.sampling_params import SamplingParams
 
@@ -110,9 +112,9 @@ class Frontend:
             session.busy = True
         try:
             for i, prompt in enumerate(prompts):
-                stream = await self.engine.submit(prompt, params, f"{rid}-{i}",
-                                                  None if session is None else session.session_id)
-                replica = getattr(stream, "replica", replica)
+                submit = self._submitter(prompt, params, f"{rid}-{i}", None if session is None else session.session_id)
+                stream = MigratingStream(submit, await submit((), 0), params)
+                replica = stream.replica or replica
                 taken.append(self.observe(stream))
         except BaseException as e:
             self.end_turn(session)
@@ -124,6 +126,13 @@ class Frontend:
                 raise RequestError(400, str(e)) from None
             raise
         return Submitted(taken, replica)
+
+    def _submitter(self, prompt: list[int], params: SamplingParams, request_id: str, session_id: str | None):
+        """The request's submission, first (attempt 0) or after its engine was lost (then with its progress)."""
+        async def submit(resumed: tuple[ResumedSample, ...], attempt: int) -> AsyncIterator[RequestOutput]:
+            rid = request_id if attempt == 0 else f"{request_id}.{attempt}"
+            return await self.engine.submit(prompt, params, rid, session_id, resumed)
+        return submit
 
     # --- sessions ---
 

@@ -10,6 +10,7 @@ from router.detokenizer import IncrementalDetokenizer
 from router.engine_config import EngineConfig
 from router.engine_stats import EngineStats
 from router.request_output import CompletionOutput, RequestOutput
+from router.resumed_sample import ResumedSample
 from router.scheduler import Scheduled, Scheduler
 from router.sequence import Sequence
 from router.session_pins import SessionPins
@@ -80,7 +81,7 @@ class LLMEngine:
 
     # --- requests ---
 
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams, resumed: tuple[ResumedSample, ...] = ()) -> None:
         """Raises ValueError, with what to fix, for a request this engine cannot take."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -92,27 +93,37 @@ class LLMEngine:
                              f"{self.max_model_len}, so at most {self.max_model_len - 1} prompt tokens")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this checkpoint ships none; use stop_token_ids")
+        for r in resumed:
+            if not 0 <= r.index < params.n or any(not 0 <= t < vocab for t in r.token_ids) or \
+                    len(r.token_ids) >= params.max_tokens or len(prompt_ids) + len(r.token_ids) >= self.max_model_len:
+                raise ValueError(f"resumed sample {r.index} does not fit the request")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    session_id: str | None = None) -> str:
+                    session_id: str | None = None, resumed: tuple[ResumedSample, ...] = ()) -> str:
         """Queues a request. With a session id, its history is pinned in the cache when it finishes, for the
-        session's next turn (which goes to the same attention rank)."""
-        self.validate(prompt_ids, params)
+        session's next turn (which goes to the same attention rank). `resumed`: the request's unfinished samples,
+        begun on another engine; each goes on from its tokens as a sequence of its own (its prompt blocks shared
+        through the prefix cache), as a preempted one would."""
+        self.validate(prompt_ids, params, resumed)
         if session_id is not None and params.n != 1:
             raise ValueError("a session request has one sample: n must be 1")
         request_id = str(next(self._seq_ids)) if request_id is None else request_id
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         prompt_ids = list(prompt_ids)
-        seqs = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
-        seqs[0].forks = seqs[1:]  # they branch off when the prompt is done, sharing its blocks
+        if resumed:
+            seqs = [self._new_sequence(request_id, r.index, prompt_ids, params, r) for r in resumed]
+        else:
+            seqs = [self._new_sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
+            seqs[0].forks = seqs[1:]  # they branch off when the prompt is done, sharing its blocks
         seqs[0].session_id = session_id
         rank = self.sessions.rank_of(session_id) if session_id is not None else None
         rank = self._pick_rank(prompt_ids) if rank is None else rank
         for seq in seqs:
             seq.rank = rank
         self.requests[request_id] = seqs
-        self.schedulers[rank].add(seqs[0])
+        for seq in seqs if resumed else seqs[:1]:
+            self.schedulers[rank].add(seq)
         return request_id
 
     def _pick_rank(self, prompt_ids: list[int]) -> int:
@@ -130,9 +141,16 @@ class LLMEngine:
 
         return min(range(len(self.schedulers)), key=cost)
 
-    def _new_sequence(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+    def _new_sequence(self, request_id: str, index: int, prompt_ids: list[int], params: SamplingParams,
+                      resumed: ResumedSample | None = None) -> Sequence:
         detok = None if self.tokenizer is None else IncrementalDetokenizer(self.tokenizer, prompt_ids, params)
-        return Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, detokenizer=detok)
+        seq = Sequence(next(self._seq_ids), request_id, index, prompt_ids, params, detokenizer=detok)
+        if resumed is not None:
+            seq.output_ids = list(resumed.token_ids)
+            seq.num_resumed = len(resumed.token_ids)
+            if detok is not None:
+                detok.resume(resumed.token_ids, resumed.text_len)
+        return seq
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stops a request and frees its blocks; its last output (finish_reason "abort"), or None if unknown."""
@@ -267,7 +285,7 @@ def sample_row(seq: Sequence) -> SampleRow:
     """What the sampler needs of a sequence; its token history only when a penalty reads it."""
     history = (seq.prompt_ids, seq.output_ids) if seq.params.has_penalties else ((), ())
     seed = None if seq.params.seed is None else seq.params.seed + seq.index
-    return SampleRow(seq.params, seq.seq_id, seed, *history)
+    return SampleRow(seq.params, seq.seq_id, seed, *history, seq.num_resumed)
 
 
 def fit_model_len(config: EngineConfig, model_config: ModelConfig, cache_slots: int) -> int:

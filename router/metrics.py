@@ -86,6 +86,8 @@ class Metrics:
                               "request.", labels, buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(f"{PREFIX}:e2e_request_latency_seconds", "Request latency, arrival to last token.",
                              labels, buckets=LATENCY_BUCKETS, registry=r)
+        self.migrations = Counter(f"{PREFIX}:request_migrations", "Times a request moved to another engine after "
+                                  "the one running it was lost (a worker or replica died).", labels, registry=r)
         r.register(EngineCollector(engine, model_name))
 
     def render(self) -> bytes:
@@ -117,4 +119,5 @@ class Metrics:
                     self.e2e.labels(m).observe(time.perf_counter() - start)
                 yield out
         finally:
+            self.migrations.labels(m).inc(getattr(outputs, "migrations", 0))
             await outputs.aclose()  # a consumer that left: the engine stream's close aborts the request

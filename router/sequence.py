@@ -18,6 +18,7 @@ class Sequence:
     rank: int = 0  # the attention rank that holds its cache
     session_id: str | None = None  # its history is pinned in the cache for the session's next turn
     output_ids: list[int] = field(default_factory=list)
+    num_resumed: int = 0  # output tokens generated on another engine before this one took the sample over
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # of the full blocks computed so far
     num_cached: int = 0  # tokens whose KV is in the cache

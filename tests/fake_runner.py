@@ -56,8 +56,8 @@ class FakeExecutor(Executor):
             tokens = [e[1] for e in context]
             digest = sum((i + 1) * t for i, t in enumerate(tokens)) % VOCAB
             for row in c.samples:
-                gen = sampler.generator(row)
-                noise = 0 if gen is None else int(torch.randint(VOCAB, (1,), generator=gen))
+                gen = sampler.generator(row, VOCAB)  # drawn as the real sampler draws, so a resumed seed skips alike
+                noise = 0 if gen is None else int(torch.multinomial(torch.ones(VOCAB), 1, generator=gen))
                 out.append(SampleResult((digest + noise) % VOCAB, None))
         return out
 

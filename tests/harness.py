@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -80,3 +82,16 @@ def parsed(text: str) -> list[tuple[str, dict[str, str], float]]:
             labels = dict(item.split("=", 1) for item in rest.rstrip("}").split(",") if item)
             rows.append((name, {k: v.strip('"') for k, v in labels.items()}, float(value)))
     return rows
+
+
+def sse_events(response) -> Iterator[dict]:
+    """The JSON events of an httpx streaming response (SSE), split on blank lines only: the text in an event may
+    hold characters that str.splitlines() (and so httpx's iter_lines) takes for line breaks."""
+    buffer = b""
+    for chunk in response.iter_bytes():
+        buffer += chunk
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            data = event.decode().removeprefix("data: ")
+            if data.startswith("{"):
+                yield json.loads(data)

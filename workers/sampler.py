@@ -22,6 +22,7 @@ class SampleRow(NamedTuple):
     seed: int | None  # the sample's own seed (the request's seed + the sample's index)
     prompt_ids: list[int]  # for the repetition penalty (empty when the request has no penalties)
     output_ids: list[int]  # for all three penalties (empty when the request has no penalties)
+    num_resumed: int = 0  # tokens its seed drew on another engine, before this one took the sample over
 
 
 class TokenLogprobs(NamedTuple):
@@ -45,12 +46,17 @@ class Sampler:
         for i in seq_ids:
             self.generators.pop(i, None)
 
-    def generator(self, row: SampleRow) -> torch.Generator | None:
+    def generator(self, row: SampleRow, vocab: int) -> torch.Generator | None:
+        """A seeded row's generator; made at its first draw, and then, for a sample resumed from another engine,
+        advanced past the draws made there (a draw takes the same random numbers whatever the probabilities)."""
         if row.seed is None:
             return None
         gen = self.generators.get(row.seq_id)
         if gen is None:
             gen = self.generators[row.seq_id] = torch.Generator(device=self.device).manual_seed(row.seed)
+            uniform = torch.ones(vocab, device=self.device)  # [V]
+            for _ in range(row.num_resumed):
+                torch.multinomial(uniform, 1, generator=gen)
         return gen
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> list[SampleResult]:
@@ -106,7 +112,7 @@ class Sampler:
         out = torch.empty(len(rows), dtype=torch.long, device=dev)
         seeded = [i for i, r in enumerate(rows) if r.seed is not None]
         for i in seeded:
-            out[i] = torch.multinomial(probs[i], 1, generator=self.generator(rows[i]))[0]
+            out[i] = torch.multinomial(probs[i], 1, generator=self.generator(rows[i], probs.shape[-1]))[0]
         rest = [i for i, r in enumerate(rows) if r.seed is None]
         if rest:
             out[rest] = torch.multinomial(probs[rest], 1)[:, 0]
