@@ -67,6 +67,7 @@ def cmd_generate(args) -> int:
                     except json.JSONDecodeError as e:
                         raise InputError(f"{args.input}:{n}: not valid JSON ({e})") from None
                     requests.append(parse_request(line, f"{args.input}:{n}", defaults))
+    preflight(args.model, args.random_weights)
     config = engine_config(args, args.model)
     t0 = time.perf_counter()
     engine = LLMEngine.from_config(config)
@@ -75,6 +76,26 @@ def cmd_generate(args) -> int:
         return run_batch(args, engine, requests, t_load)
     finally:
         engine.shutdown()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def preflight(model: str, random_weights: bool = False):
+    """Everything loading the checkpoint would find wrong, found in seconds before any worker, Ray or Serve replica
+    starts (where it would be a traceback, or a replica Serve retries): config.json, the safetensors index, each
+    shard's header, every tensor's name and shape, and the tokenizer. Returns the ModelConfig; raises ConfigError or
+    CheckpointError naming the file or field."""
+    from router.llm_engine import load_tokenizer
+    from workers.loader import check_checkpoint
+
+    model_config = check_checkpoint(model, random_weights)
+    try:
+        load_tokenizer(Path(model))
+    except Exception as e:  # noqa: BLE001 -- transformers raises many kinds; tokenizers' own are plain Exception
+        files = ", ".join(f for f in TOKENIZER_FILES if (Path(model) / f).is_file())
+        raise CheckpointError(f"{model}: cannot load the tokenizer from {files} ({type(e).__name__}: {e})") from None
+    return model_config
 
 
 def run_batch(args, engine, requests: list, t_load: float) -> int:
@@ -174,6 +195,9 @@ def overrides(args) -> dict:
     return given
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def say(message: str) -> None:
     print(f"moe-serve: {message}", flush=True)
 
@@ -181,20 +205,21 @@ def say(message: str) -> None:
 def cmd_up(args) -> int:
     """Loads the config, starts (or joins) Ray, deploys the Serve application, prints the endpoints, and serves
     until Ctrl-C."""
-    import ray
-    from ray import serve
-
-    from cluster.serve_app import build_serve_app, grpc_options
     from cluster.serve_config import ServeConfig
-    from cluster.status_board import remove_board
-    from workers.config import ModelConfig
 
     config = ServeConfig.load(args.config, overrides(args))
     say(f"config {args.config or '(none): the tiny CPU default, as configs/tiny-cpu.yaml'}")
     if config.model.path is None:
         say("preparing the built-in tiny checkpoint (made on first use, then cached) ...")
     model = config.model.path or default_model()
-    plan = config.check(ModelConfig.from_pretrained(model))
+    plan = config.check(preflight(model, config.model.random_weights))  # before Ray: an error here takes seconds
+
+    import ray
+    from ray import serve
+
+    from cluster.serve_app import build_serve_app, grpc_options
+    from cluster.status_board import remove_board
+
     if plan is not None:
         print(plan.describe(), flush=True)
     options = config.serve_options(model)
@@ -214,6 +239,9 @@ def cmd_up(args) -> int:
             f"  gRPC (moe_serve.v1.MoeServe): {server.host}:{server.grpc_port}\n"
             f"`moe-serve status` shows the replicas (Ray at {ray.get_runtime_context().gcs_address}); "
             "Ctrl-C stops it.")
+        if server.host in LOOPBACK and not server.api_keys:
+            say(f"note: Ray Serve's gRPC proxy listens on every interface (port {server.grpc_port}) whatever the "
+                "host; firewall that port or set --api-key")
         first_request(server, options.model_name)
         while True:
             time.sleep(3600)

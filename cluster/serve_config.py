@@ -213,6 +213,10 @@ class ServeConfig(Section):
 def read_yaml(path: str) -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ServeConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ServeConfigError(f"{path}: not valid YAML (not UTF-8 text)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path

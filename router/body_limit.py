@@ -1,4 +1,6 @@
-"""BodyLimit: ASGI middleware that refuses request bodies over a size with 413, whether declared or streamed."""
+"""Request size limits as ASGI middleware: BodyLimit refuses bodies over a size with 413, whether declared or
+streamed; HeaderLimit refuses too many or too large headers with 431. Both answer in OpenAI's error body and leave
+the server serving. (uvicorn's default parser, httptools, which Ray Serve's proxy uses too, sets no header limit.)"""
 
 from __future__ import annotations
 
@@ -8,7 +10,9 @@ from router.request_error import error_body
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over max_bytes gets 413, declared (Content-Length) or streamed."""
+    """ASGI middleware: a request body over max_bytes gets 413, declared (Content-Length) or streamed. A streamed
+    one is refused here as soon as it passes the limit, and the app is told the client left (raising instead would
+    reach FastAPI's body parsing, which turns any error into a 400)."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -18,29 +22,51 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(send)
-        seen = 0
+            return await refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
+        seen, started, refused = 0, False, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, refused
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise BodyTooLarge
+                refused = True
+                if not started:
+                    await refuse(send, 413, f"the request body is over {self.max_bytes} bytes")
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except BodyTooLarge:
-            await self._refuse(send)
+        async def answer(message):
+            nonlocal started
+            if not refused:  # after a 413, what the app says to the "gone" client goes nowhere
+                started = True
+                await send(message)
 
-    async def _refuse(self, send):
-        body = json.dumps(error_body(f"the request body is over {self.max_bytes} bytes", "invalid_request_error",
-                                     413)).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await self.app(scope, counted, answer)
 
 
-class BodyTooLarge(Exception):
-    pass
+class HeaderLimit:
+    """ASGI middleware: a request with more than max_count header lines, or more than max_bytes of them (names and
+    values together), gets 431 before it reaches the app."""
+
+    def __init__(self, app, max_bytes: int, max_count: int):
+        self.app, self.max_bytes, self.max_count = app, max_bytes, max_count
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = scope.get("headers", ())
+            if len(headers) > self.max_count:
+                return await refuse(send, 431, f"the request has {len(headers)} headers; at most {self.max_count}")
+            size = sum(len(name) + len(value) for name, value in headers)
+            if size > self.max_bytes:
+                return await refuse(send, 431, f"the request headers are over {self.max_bytes} bytes")
+        return await self.app(scope, receive, send)
+
+
+async def refuse(send, status: int, message: str) -> None:
+    body = json.dumps(error_body(message, "invalid_request_error", status)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-from router.body_limit import BodyLimit
+from router.body_limit import BodyLimit, HeaderLimit
 from router.frontend import Frontend, session_error
 from router.metrics import Metrics
 from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SessionRequest,
@@ -44,6 +44,8 @@ PUBLIC_PATHS = ("/health", "/metrics", "/docs", "/openapi.json")
 class ServerLimits:
     api_keys: tuple[str, ...] = ()  # Bearer keys for /v1, /tokenize and /detokenize; none: open
     max_body_bytes: int = 8 * 2**20  # larger request bodies get 413
+    max_header_bytes: int = 32 * 2**10  # more header bytes (names and values) get 431
+    max_headers: int = 100  # more header lines get 431
     retry_after_s: int = 1  # told to clients refused with 429 (the engine's queue is full)
 
 
@@ -52,6 +54,7 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
     """engine: AsyncEngine or EngineHandle (submit, stats, end_session, tokenizer, model_config, max_model_len)."""
     app = FastAPI(title="moe-serve", description="OpenAI-compatible API for DeepSeek models")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(HeaderLimit, max_bytes=limits.max_header_bytes, max_count=limits.max_headers)
     metrics = metrics or Metrics(engine, model_name)
     front = Frontend(engine, model_name, sessions or SessionStore(), metrics.observe)
 

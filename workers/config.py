@@ -19,6 +19,16 @@ MODEL_TYPES = {"deepseek_v2": "deepseek_v2", "llama": "llama"}
 ROPE_TYPES = ("default", "linear", "yarn")
 TOPK_METHODS = ("greedy", "group_limited_greedy")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INT_FIELDS = {  # config.json integer fields we read, each with its least valid value (checked when not null)
+    "vocab_size": 1, "hidden_size": 1, "intermediate_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
+    "num_key_value_heads": 1, "max_position_embeddings": 1, "head_dim": 1, "q_lora_rank": 1, "kv_lora_rank": 1,
+    "qk_nope_head_dim": 1, "qk_rope_head_dim": 1, "v_head_dim": 1, "n_routed_experts": 0, "n_shared_experts": 0,
+    "num_experts_per_tok": 0, "moe_intermediate_size": 0, "first_k_dense_replace": 0, "moe_layer_freq": 1,
+    "n_group": 1, "topk_group": 1, "bos_token_id": 0, "original_max_position_embeddings": 1,
+}
+FLOAT_FIELDS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")  # non-negative numbers
+ROPE_FLOAT_FIELDS = ("rope_theta", "factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                     "attention_factor")
 
 
 class ConfigError(ValueError):
@@ -105,16 +115,22 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
+        if not Path(model_dir).is_dir():
+            raise ConfigError(f"{model_dir}: no such model directory (no config.json to read)")
         if not path.is_file():
             raise ConfigError(f"{path}: no config.json in the model directory")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "ModelConfig":
+        _check_types(raw, source)
+
         def need(key):
             if raw.get(key) is None:
                 raise ConfigError(f"{source}: field '{key}' is required")
@@ -152,6 +168,46 @@ class ModelConfig:
                 raise ConfigError(f"{source}: 'num_attention_heads' must be a multiple of 'num_key_value_heads'")
             return cls(head_dim=head_dim, **common)
         return cls(**common, **_deepseek_fields(raw, source, need))
+
+
+def _check_types(raw: dict, source: str) -> None:
+    """Each field we read has the JSON type we use it as, so a typo is an error naming the field here rather than a
+    TypeError deep in model construction."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object of fields, not a {type(raw).__name__}")
+    for key, least in INT_FIELDS.items():
+        _check_int(raw, key, least, source)
+    for key in FLOAT_FIELDS:
+        _check_number(raw, key, source)
+    eos = raw.get("eos_token_id")
+    if not (eos is None or _is_int(eos) or isinstance(eos, list) and all(_is_int(t) for t in eos)):
+        raise ConfigError(f"{source}: field 'eos_token_id' must be an integer or a list of integers, got {eos!r}")
+    archs = raw.get("architectures")
+    if not (archs is None or isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ConfigError(f"{source}: field 'architectures' must be a list of class names, got {archs!r}")
+    for key in ("rope_scaling", "rope_parameters"):
+        value = raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{source}: field '{key}' must be an object or null, got {value!r}")
+        for sub in ROPE_FLOAT_FIELDS:
+            _check_number(value or {}, sub, source, f"{key}.")
+        _check_int(value or {}, "original_max_position_embeddings", 1, source, f"{key}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(raw: dict, key: str, least: int, source: str, prefix: str = "") -> None:
+    value = raw.get(key)
+    if value is not None and not (_is_int(value) and value >= least):
+        raise ConfigError(f"{source}: field '{prefix}{key}' must be an integer >= {least}, got {value!r}")
+
+
+def _check_number(raw: dict, key: str, source: str, prefix: str = "") -> None:
+    value = raw.get(key)
+    if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
+        raise ConfigError(f"{source}: field '{prefix}{key}' must be a number >= 0, got {value!r}")
 
 
 def _architecture(raw: dict, source: str) -> str:

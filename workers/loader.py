@@ -2,7 +2,9 @@
 
 Generic: the model names the parameter for each checkpoint tensor (`weight_target`); each parameter knows how to
 take its slice (`weight_loader`). Parameters are allocated once in the target dtype and device; tensors are read
-one at a time, so peak extra memory is about one tensor.
+one at a time, so peak extra memory is about one tensor. `check_checkpoint` runs the same matching against the
+model built on the meta device, reading no weight: every error a load would meet, in seconds, before any process
+starts.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import zlib
 import torch
 from torch import nn
 
-from workers.checkpoint import Checkpoint, CheckpointError
+from workers.causal_lm import CausalLM
+from workers.checkpoint import Checkpoint, CheckpointError, TensorRef
+from workers.config import ModelConfig
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -21,8 +25,22 @@ def default_weight_loader(param: torch.Tensor, ref, shard) -> None:
     ref.read_into(param.data)
 
 
-def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
-    """Reads exactly the tensors `model` holds; errors name the missing or mismatched tensor."""
+class ShapeOnly:
+    """Stands in for a TensorRef when checking a checkpoint: the loaders' shape checks run, no byte is read."""
+
+    def __init__(self, ref: TensorRef):
+        self.ref = ref
+
+    def __getattr__(self, name):
+        return getattr(self.ref, name)
+
+    def read_into(self, out: torch.Tensor) -> None:
+        self.ref.check_fits(out)
+
+
+def load_weights(model: nn.Module, checkpoint: Checkpoint, read: bool = True) -> None:
+    """Reads exactly the tensors `model` holds; errors name the file and the missing or mismatched tensor.
+    read=False: match names and shapes only (for a model on the meta device)."""
     params = dict(model.named_parameters())
     loaded: set[tuple[str, object]] = set()
     for name in checkpoint.names():
@@ -33,10 +51,13 @@ def load_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
         if param is None:
             continue  # another rank's tensor (or one we do not use): not read
         loader = getattr(param, "weight_loader", default_weight_loader)
+        ref = checkpoint[name]
         try:
-            loader(param, checkpoint[name], shard)
+            loader(param, ref if read else ShapeOnly(ref), shard)
+        except CheckpointError:
+            raise  # names the file and tensor already
         except (ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{checkpoint.dir}: cannot load '{name}' into '{target}': {e}") from None
+            raise CheckpointError(f"{ref.path}: cannot load tensor '{name}' into '{target}' ({e})") from None
         loaded.add((target, shard))
     missing = [
         f"{pname}{'' if s is None else f' {s}'}"
@@ -88,3 +109,16 @@ def build_model(cls, config, device: torch.device, dtype: torch.dtype, checkpoin
     else:
         load_weights(model, checkpoint)
     return model.eval()
+
+
+def check_checkpoint(model_dir: str, random_weights: bool = False) -> ModelConfig:
+    """config.json, the safetensors index, each shard's header, and every tensor's name and shape against the whole
+    model (built on the meta device, so nothing is allocated or read); returns the config. With random_weights
+    only config.json is read. Raises ConfigError or CheckpointError naming the field or file."""
+    config = ModelConfig.from_pretrained(model_dir)
+    if not random_weights:
+        checkpoint = Checkpoint(model_dir)
+        with torch.device("meta"):
+            model = CausalLM(config)
+        load_weights(model, checkpoint, read=False)
+    return config
