@@ -78,9 +78,6 @@ def cmd_generate(args) -> int:
         engine.shutdown()
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
 def preflight(model: str, random_weights: bool = False):
     """Everything loading the checkpoint would find wrong, found in seconds before any worker, Ray or Serve replica
     starts (where it would be a traceback, or a replica Serve retries): config.json, the safetensors index, each
@@ -90,11 +87,7 @@ def preflight(model: str, random_weights: bool = False):
     from workers.loader import check_checkpoint
 
     model_config = check_checkpoint(model, random_weights)
-    try:
-        load_tokenizer(Path(model))
-    except Exception as e:  # noqa: BLE001 -- transformers raises many kinds; tokenizers' own are plain Exception
-        files = ", ".join(f for f in TOKENIZER_FILES if (Path(model) / f).is_file())
-        raise CheckpointError(f"{model}: cannot load the tokenizer from {files} ({type(e).__name__}: {e})") from None
+    load_tokenizer(Path(model))
     return model_config
 
 
@@ -217,6 +210,7 @@ def cmd_up(args) -> int:
     import ray
     from ray import serve
 
+    from cluster import grpc_bind
     from cluster.serve_app import build_serve_app, grpc_options
     from cluster.status_board import remove_board
 
@@ -225,7 +219,9 @@ def cmd_up(args) -> int:
     options = config.serve_options(model)
     server = config.server
     say(f"starting Ray ({args.address or 'local'}) ...")
-    ray.init(address=args.address or "local", logging_level=logging.WARNING)
+    # a Ray of our own gets the hook that binds Serve's gRPC proxy to the host (Serve has no option for it)
+    ray.init(address=args.address or "local", logging_level=logging.WARNING,
+             runtime_env=None if args.address else grpc_bind.runtime_env(server.host))
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager's stop (even if started with
         signal.signal(sig, signal.default_int_handler)  # SIGINT ignored, as a background job is)
     try:
@@ -239,9 +235,9 @@ def cmd_up(args) -> int:
             f"  gRPC (moe_serve.v1.MoeServe): {server.host}:{server.grpc_port}\n"
             f"`moe-serve status` shows the replicas (Ray at {ray.get_runtime_context().gcs_address}); "
             "Ctrl-C stops it.")
-        if server.host in LOOPBACK and not server.api_keys:
-            say(f"note: Ray Serve's gRPC proxy listens on every interface (port {server.grpc_port}) whatever the "
-                "host; firewall that port or set --api-key")
+        if args.address and server.host in LOOPBACK and not server.api_keys:
+            say(f"note: on a Ray cluster started elsewhere, Serve's gRPC proxy listens on every interface (port "
+                f"{server.grpc_port}); firewall that port or set --api-key")
         first_request(server, options.model_name)
         while True:
             time.sleep(3600)

@@ -16,6 +16,7 @@ from router.sequence import Sequence
 from router.session_pins import SessionPins
 from router.worker_stats import WorkerStats
 from workers.block_manager import BlockManager
+from workers.checkpoint import CheckpointError
 from workers.config import ModelConfig
 from workers.executor import Executor, LocalExecutor
 from workers.model_runner import SeqChunk, StepPlan, build_runner
@@ -301,10 +302,19 @@ def fit_model_len(config: EngineConfig, model_config: ModelConfig, cache_slots: 
     return cache_slots
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def load_tokenizer(model_dir: Path):
-    """The checkpoint's own tokenizer and chat template, from local files only; None if it ships none."""
-    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+    """The checkpoint's own tokenizer and chat template, from local files only; None if it ships none. A broken one
+    is a CheckpointError naming its files."""
+    files = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
+    if not files:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; tokenizers' own are plain Exception
+        raise CheckpointError(f"{model_dir}: cannot load the tokenizer from {', '.join(files)} "
+                              f"({type(e).__name__}: {e})") from None

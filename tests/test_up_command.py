@@ -1,8 +1,10 @@
 """`moe-serve up` with no arguments, as a user runs it: it makes the embedded default model, serves it, answers a
-first real request over HTTP and prints it, serves others over HTTP and gRPC, and Ctrl-C stops it cleanly."""
+first real request over HTTP and prints it, serves others over HTTP and gRPC, on loopback only, and Ctrl-C stops it
+cleanly."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +46,14 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path):
                                                                              ignore_eos=True)),
                 metadata=[("application", "moe-serve")]))
         assert sum(len(m.token_ids) for m in replies) == 5
+        for port in (http_port, grpc_port):  # both doors on loopback, not on the machine's other addresses
+            listening = [c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and
+                         c.laddr.port == port]
+            assert listening and set(listening) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, (port, listening)
+            for address in {a.address for nic in psutil.net_if_addrs().values() for a in nic
+                            if a.family == socket.AF_INET and not a.address.startswith("127.")}:
+                with socket.socket() as s:
+                    assert s.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
         ray_processes = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started
         assert any("raylet" in c.name() for c in ray_processes)
     finally:
