@@ -25,6 +25,7 @@ STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAU
                 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
                 410: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 429: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED}
+MAX_DETAILS = 2048  # bytes of a status message as it travels, percent-encoded; a client refuses trailers past 8 KiB
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "skip_special_tokens")
 
@@ -33,12 +34,23 @@ def status_code(e: RequestError) -> grpc.StatusCode:
     return STATUS_CODES.get(e.status, grpc.StatusCode.INTERNAL)
 
 
+def details(message: str) -> str:
+    """The message as a status's details, cut to fit in the trailers. Whole, an error that echoes a huge value
+    from the request (a model name, a session id) reached the client as RESOURCE_EXHAUSTED 'received metadata
+    size exceeds hard limit' in place of what to fix."""
+    size = 0
+    for i, ch in enumerate(message):
+        size += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "surrogatepass"))
+        if size > MAX_DETAILS:
+            return message[:i] + "…"
+    return message
+
+
 class GrpcServicer:
     def __init__(self, front: Frontend, api_keys: tuple[str, ...] = ()):
         self.front = front
         self.api_keys = api_keys
-        self.running: dict[str, asyncio.Task] = {}  # request id -> the call streaming it
-        self.aborted: set[str] = set()  # cancelled by Abort, not by their client
+        self.running: dict[str, Running] = {}  # request id -> the call streaming it
 
     def authorize(self, metadata) -> str | None:
         """The caller's API key (from 'authorization: Bearer <key>'); a RequestError if keys are required and
@@ -91,12 +103,11 @@ class GrpcServicer:
             yield response
 
     async def Abort(self, request: pb.AbortRequest, metadata) -> pb.AbortResponse:
-        """Cancels the call streaming that request: it ends with CANCELLED, and its generation is aborted."""
+        """Ends the call streaming that request with CANCELLED, and so aborts its generation."""
         self.authorize(metadata)
         call = self.running.pop(request.request_id, None)
         if call is not None:
-            self.aborted.add(request.request_id)
-            call.cancel()
+            call.abort()
         return pb.AbortResponse(found=call is not None)
 
     async def Tokenize(self, request: pb.TokenizeRequest, metadata) -> pb.TokenizeResponse:
@@ -144,10 +155,18 @@ class GrpcServicer:
         if rid in self.running:
             raise RequestError(400, f"request id {rid!r} is already running; give each request its own")
         streams, _ = await self.front.submit([prompt], params, rid, session)
-        call = self.running[rid] = asyncio.current_task()
+        call = self.running[rid] = Running(asyncio.current_task())
+        outputs = aiter(streams[0])
         final = None
         try:
-            async for out in streams[0]:
+            while True:
+                call.waiting = True
+                try:
+                    out = await anext(outputs)
+                except StopAsyncIteration:
+                    break
+                finally:
+                    call.waiting = False
                 final = out if final is None else final.merge(out)
                 c = out.outputs[0]
                 response = pb.GenerateResponse(request_id=rid, token_ids=c.token_ids, text=c.text,
@@ -159,10 +178,11 @@ class GrpcServicer:
                                                      completion_tokens=len(final.outputs[0].token_ids),
                                                      cached_tokens=final.num_cached_tokens))
                 yield response
+                if call.aborted:
+                    raise RequestError(499, f"request {rid} was aborted by an Abort call")
         except asyncio.CancelledError:
-            if rid not in self.aborted:
+            if not call.aborted:
                 raise  # the client went away, or its deadline passed
-            self.aborted.discard(rid)
             raise RequestError(499, f"request {rid} was aborted by an Abort call") from None
         finally:
             if self.running.get(rid) is call:
@@ -170,6 +190,22 @@ class GrpcServicer:
             for s in streams:
                 await s.aclose()
             self.front.end_turn(session)
+
+
+class Running:
+    """A call streaming a request, for Abort to end. While it waits on the engine it is cancelled there; else it
+    is told, and stops when grpc takes its next message: a cancellation that lands while grpc sends one is lost
+    (grpc then ends the call with no status at all, and the client waits for one forever)."""
+
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+        self.waiting = False  # on the engine's next output
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self.waiting:
+            self.task.cancel()
 
 
 def logprob(lp) -> pb.TokenLogprob:
