@@ -12,7 +12,7 @@ from pathlib import Path
 from router.async_engine import EngineError
 from router.engine_handle import EngineHandle
 from router.frontend import Frontend
-from router.grpc_servicer import GrpcServicer, status_code
+from router.grpc_servicer import GrpcServicer, details, status_code
 from router.llm_engine import load_tokenizer
 from router.metrics import Metrics
 from router.openai_server import ServerLimits, build_app
@@ -113,7 +113,7 @@ def refuse(context, e: Exception) -> None:
 
     if isinstance(e, RequestError):
         context.set_code(status_code(e))
-        context.set_details(e.message)
+        context.set_details(details(e.message))
     else:
         context.set_code(grpc.StatusCode.INTERNAL)
-        context.set_details(str(e))
+        context.set_details(details(str(e)))

@@ -191,7 +191,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One forward pass: schedule -> run -> postprocess. Returns what each request gained."""
         self.sessions.expire()
-        scheduled = [sched.schedule() for sched in self.schedulers]  # per attention rank
+        scheduled = [self._schedule(rank) for rank in range(len(self.schedulers))]  # per attention rank
         if not any(scheduled):
             return []
         plans = [StepPlan([self._chunk(s) for s in batch], tuple(self.released[rank]))
@@ -200,6 +200,15 @@ class LLMEngine:
             released.clear()
         results = self.executor.execute(plans)
         return self._postprocess([s for batch in scheduled for s in batch], [r for rank in results for r in rank])
+
+    def _schedule(self, rank: int) -> list[Scheduled]:
+        """The rank's batch. A rank whose work cannot move for want of blocks that sessions hold between turns (a
+        request as long as the whole cache) takes them back, least recently used session first."""
+        sched = self.schedulers[rank]
+        batch = sched.schedule()
+        while not batch and sched.has_work() and self.sessions.evict(rank):
+            batch = sched.schedule()
+        return batch
 
     @staticmethod
     def _chunk(s: Scheduled) -> SeqChunk:

@@ -3,8 +3,9 @@
 When a session's turn finishes, its computed full blocks are pinned (a reference is kept on them), so the next turn
 finds them however busy the cache gets meanwhile, and prefills only its new tokens. A session's pins live on the
 attention rank that computed them, and its next turn goes there. Pins are dropped when the session ends, after
-`ttl_s` without a turn, or, least recently used first, when a rank's pins would exceed `max_fraction` of its blocks;
-a dropped session still works, it just recomputes what the cache no longer holds.
+`ttl_s` without a turn, or, least recently used first, when a rank's pins would exceed `max_fraction` of its blocks
+or when the rank cannot go on without their blocks (`evict`); a dropped session still works, it just recomputes what
+the cache no longer holds.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class SessionPins:
             if pin.last_used > deadline:
                 return
             self.drop(session_id)
+
+    def evict(self, rank: int) -> bool:
+        """Drops the least recently used pin on this rank; False if it has none."""
+        session_id = next((s for s, p in self.pins.items() if p.rank == rank), None)
+        if session_id is None:
+            return False
+        self.drop(session_id)
+        return True
 
     def pinned_blocks(self, rank: int) -> int:
         return sum(len(p.blocks) for p in self.pins.values() if p.rank == rank)

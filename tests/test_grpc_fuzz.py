@@ -234,8 +234,6 @@ def test_the_service_still_serves_after_the_fuzzing(server):
     assert not any(s.busy for s in server.servicer.front.sessions.sessions.values())
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug, outside the gRPC door: a session's pinned blocks are not counted "
-                   "against the context, so a request that needs the whole of it waits for blocks forever")
 def test_a_request_as_long_as_the_context_ends_beside_pinned_sessions(checkpoint_dir):
     """Found by the fuzzer (an empty SamplingParams: max_tokens is then all the room the context leaves)."""
     with serving(checkpoint_dir) as s:  # a 256-token context: the whole cache

@@ -188,3 +188,21 @@ def test_session_errors_say_what_to_do(server):
     r = httpx.post(url + "/v1/chat/completions", json=body, headers={**k1, "X-Session-ID": short})
     assert r.status_code == 410 and "expired" in r.json()["error"]["message"]
     assert httpx.post(url + "/v1/sessions", json={"ttl_s": -1}, headers=k1).status_code == 400
+
+
+def test_a_request_needing_the_whole_cache_takes_back_the_blocks_sessions_hold():
+    """A session's pinned history must not starve a request as long as the whole cache (found by the gRPC fuzzer:
+    it waited forever); the rank takes the pins back, least recently used first, and the request completes."""
+    core = fake_engine(num_blocks=16, block_size=4)  # a 64-token cache, and so a 64-token context
+    core.add_request(list(range(1, 20)), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), "turn",
+                     session_id="s")
+    while core.has_unfinished():
+        core.step()
+    assert core.sessions.pinned_blocks(0) > 0
+    core.add_request([1, 2], SamplingParams(max_tokens=core.max_model_len - 2, temperature=0, ignore_eos=True))
+    for _ in range(500):
+        if not core.has_unfinished():
+            break
+        core.step()
+    assert not core.has_unfinished()
+    assert core.sessions.rank_of("s") is None  # its pin was given up; the session recomputes next turn
