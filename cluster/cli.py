@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -207,6 +208,10 @@ def cmd_up(args) -> int:
     model = config.model.path or default_model()
     plan = config.check(preflight(model, config.model.random_weights))  # before Ray: an error here takes seconds
 
+    from cluster.serve_app import SERVE_ENV
+
+    for name, value in SERVE_ENV.items():  # before Ray and Serve start (and are imported), unless set otherwise
+        os.environ.setdefault(name, value)
     import ray
     from ray import serve
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -13,7 +14,7 @@ import ray
 from ray import serve
 
 from cluster.load_generator import BenchRequest, LoadGenerator, RequestResult, RunResult
-from cluster.serve_app import build_serve_app
+from cluster.serve_app import SERVE_ENV, build_serve_app
 from workers.multiproc_executor import free_port
 
 HANG_S = 60.0  # a stream silent this long counts as hung
@@ -21,9 +22,16 @@ HANG_S = 60.0  # a stream silent this long counts as hung
 
 @contextmanager
 def serve_app(options, num_cpus: int = 8):
-    """The app of `options` on a fresh local Ray; yields its HTTP base URL."""
+    """The app of `options` on a fresh local Ray set up as `moe-serve up` sets it up (SERVE_ENV); yields its HTTP
+    base URL."""
     port = free_port()
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    saved = dict(os.environ)
+    os.environ.update(SERVE_ENV)  # the local Ray's processes take it from this one as they start
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_serve_app(options), name="moe-serve", route_prefix="/")
