@@ -189,9 +189,6 @@ def overrides(args) -> dict:
     return given
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def say(message: str) -> None:
     print(f"moe-serve: {message}", flush=True)
 
@@ -206,7 +203,12 @@ def cmd_up(args) -> int:
     if config.model.path is None:
         say("preparing the built-in tiny checkpoint (made on first use, then cached) ...")
     model = config.model.path or default_model()
-    plan = config.check(preflight(model, config.model.random_weights))  # before Ray: an error here takes seconds
+    own_ray = args.address in (None, "local")
+    if own_ray or Path(model).is_dir():  # before Ray: an error here takes seconds
+        plan = config.check(preflight(model, config.model.random_weights))
+    else:  # joining a cluster whose GPU nodes hold the weights: the replicas check them as they load
+        say(f"note: {model} is not on this machine; its checkpoint is checked where the replicas load it")
+        plan = None
 
     from cluster.serve_app import SERVE_ENV
 
@@ -226,7 +228,7 @@ def cmd_up(args) -> int:
     say(f"starting Ray ({args.address or 'local'}) ...")
     # a Ray of our own gets the hook that binds Serve's gRPC proxy to the host (Serve has no option for it)
     ray.init(address=args.address or "local", logging_level=logging.WARNING,
-             runtime_env=None if args.address else grpc_bind.runtime_env(server.host))
+             runtime_env=grpc_bind.runtime_env(server.host) if own_ray else None)
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager's stop (even if started with
         signal.signal(sig, signal.default_int_handler)  # SIGINT ignored, as a background job is)
     try:
@@ -240,7 +242,7 @@ def cmd_up(args) -> int:
             f"  gRPC (moe_serve.v1.MoeServe): {server.host}:{server.grpc_port}\n"
             f"`moe-serve status` shows the replicas (Ray at {ray.get_runtime_context().gcs_address}); "
             "Ctrl-C stops it.")
-        if args.address and server.host in LOOPBACK and not server.api_keys:
+        if not own_ray and server.host not in ("0.0.0.0", "::") and not server.api_keys:
             say(f"note: on a Ray cluster started elsewhere, Serve's gRPC proxy listens on every interface (port "
                 f"{server.grpc_port}); firewall that port or set --api-key")
         first_request(server, options.model_name)

@@ -71,7 +71,8 @@ class EngineServer:
     def record_routing_stats(self) -> dict:
         s = self.engine.stats()
         publish(self.replica, s)  # for `moe-serve status`
-        return {"outstanding_tokens": s.outstanding_tokens, "kv_usage": s.kv_usage, "waiting": s.waiting}
+        return {"outstanding_tokens": s.outstanding_tokens, "kv_usage": s.kv_usage, "waiting": s.waiting,
+                "alive": self.engine.alive}
 
     def check_health(self) -> None:
         if not self.engine.alive:

@@ -110,6 +110,8 @@ REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ReplicaUnavail
 def replica_error(e: Exception) -> Exception:
     """What the replica raised (EngineError, ValueError, EngineBusy), without the Ray traceback around it; its
     death as EngineLost (the request may go on elsewhere)."""
-    if isinstance(e, REPLICA_LOST):
-        return EngineLost(f"the engine replica running this request died: {type(e).__name__}")
-    return e.cause if isinstance(e.cause, Exception) else e
+    cause = getattr(e, "cause", None)
+    lost = e if isinstance(e, REPLICA_LOST) else cause if isinstance(cause, REPLICA_LOST) else None
+    if lost is not None:
+        return EngineLost(f"the engine replica running this request died: {type(lost).__name__}")
+    return cause if isinstance(cause, Exception) else e

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import NamedTuple
 
-from router.async_engine import EngineBusy
+from router.async_engine import EngineBusy, EngineError
 from router.migrating_stream import MigratingStream
 from router.request_error import RequestError
 from router.request_output import RequestOutput
@@ -113,7 +113,7 @@ class Frontend:
         try:
             for i, prompt in enumerate(prompts):
                 submit = self._submitter(prompt, params, f"{rid}-{i}", None if session is None else session.session_id)
-                stream = MigratingStream(submit, await submit((), 0), params)
+                stream = await MigratingStream.open(submit, params)
                 replica = stream.replica or replica
                 taken.append(self.observe(stream))
         except BaseException as e:
@@ -124,11 +124,14 @@ class Frontend:
                 raise RequestError(429, str(e), "rate_limit_error") from None
             if isinstance(e, ValueError):
                 raise RequestError(400, str(e)) from None
+            if isinstance(e, EngineError):  # no engine could take it
+                raise RequestError(503, str(e), "service_unavailable") from None
             raise
         return Submitted(taken, replica)
 
     def _submitter(self, prompt: list[int], params: SamplingParams, request_id: str, session_id: str | None):
-        """The request's submission, first (attempt 0) or after its engine was lost (then with its progress)."""
+        """The request's submission: its first try (attempt 0), or a later one after its engine was lost (then with
+        its progress), each under an id of its own."""
         async def submit(resumed: tuple[ResumedSample, ...], attempt: int) -> AsyncIterator[RequestOutput]:
             rid = request_id if attempt == 0 else f"{request_id}.{attempt}"
             return await self.engine.submit(prompt, params, rid, session_id, resumed)

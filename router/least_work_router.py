@@ -5,7 +5,8 @@ A request with a session goes to the replica that holds the session's pinned his
 otherwise to the replica with the least work: the tokens it still has to compute (prompts left to prefill plus
 tokens left to generate, as it last reported through `record_routing_stats`), plus what this router has sent it
 since, then its KV usage. The work sent since the report counts until the request completes, so a burst of
-requests spreads out without waiting for the next report.
+requests spreads out without waiting for the next report. A replica whose engine has stopped (its rebuild failed;
+Serve replaces it after its health check) gets nothing while another is up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class LeastWorkRouter(RequestRouter):
             mine = [r for r in candidate_replicas if r.replica_id == owner]
             if mine:
                 return [mine]
-        return [[r] for r in sorted(candidate_replicas, key=self.load)]
+        alive = [r for r in candidate_replicas if (r.routing_stats or {}).get("alive", True)] or candidate_replicas
+        return [[r] for r in sorted(alive, key=self.load)]
 
     def load(self, replica: RunningReplica) -> tuple[int, float]:
         stats = replica.routing_stats or {}

@@ -28,8 +28,8 @@ def merged_by_sample(outputs: list[RequestOutput]) -> dict[int, CompletionOutput
 
 
 def test_resumed_samples_go_on_exactly_as_unbroken(checkpoint_dir):
-    """Samples begun on one engine and taken over by a fresh one, mid-way and each at its own point: each sample's
-    tokens and text equal those of the run that was never interrupted."""
+    """Samples begun on one engine and taken over by a fresh one mid-way (seeded, penalized, with text held back
+    for a stop string): each sample's tokens and text equal those of the run that was never interrupted."""
     d = checkpoint_dir("v2_lite")
     prompt = random_prompts([40], seed=5)[0]
     (whole,) = engine(d).generate([prompt], [SAMPLED])
@@ -108,35 +108,101 @@ def test_a_stream_whose_workers_die_goes_on_unbroken_after_the_rebuild():
     assert got[-1].finished
 
 
+class Dies:
+    """An engine's stream that yields its items, then loses its engine."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    async def __anext__(self):
+        if self.items:
+            return self.items.pop(0)
+        raise EngineLost("the engine replica running this request died: ActorDiedError")
+
+    async def aclose(self):
+        pass
+
+
+def token(t: int, finish: str | None = None) -> RequestOutput:
+    return RequestOutput("r", [1], [CompletionOutput(0, chr(ord("a") + t), [t], None, finish)], finish is not None, 0)
+
+
+def drain(stream_or_open):
+    async def run():
+        stream = await stream_or_open
+        return [out async for out in stream], stream
+    return asyncio.run(run())
+
+
 def test_a_request_no_engine_takes_back_ends_with_a_clear_error():
     """The engine is lost and nothing takes the request back in time: the stream ends with an EngineError saying
-    so (it does not hang); a request moved too often is given up likewise."""
+    so (it does not hang); so does a request moved too often, or lost again before it made any progress (it may be
+    what kills the engines)."""
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    first = RequestOutput("r", [1], [CompletionOutput(0, "a", [7], None, None)], False, 0)
-
-    class Dies:
-        def __init__(self, items):
-            self.items = list(items)
-
-        async def __anext__(self):
-            if self.items:
-                return self.items.pop(0)
-            raise EngineLost("the engine replica running this request died: ActorDiedError")
-
-        async def aclose(self):
-            pass
+    tries = []
 
     async def nobody(resumed, attempt):
+        tries.append(attempt)
+        if attempt == 0:
+            return Dies([token(7)])
         assert resumed == (ResumedSample(0, [7], 1),)  # the progress travels with the request
         raise EngineLost("the engine stopped: no room")
 
-    async def dies_again(resumed, attempt):
+    with pytest.raises(EngineError, match="no engine took the request back within 0.3 s: the engine stopped"):
+        drain(MigratingStream.open(nobody, params, timeout_s=0.3))
+    assert len(tries) > 2 and len(set(tries)) == len(tries)  # every try under an id of its own
+
+    async def one_more_token(resumed, attempt):
+        return Dies([token(len(resumed[0].token_ids) if resumed else 0)])
+
+    with pytest.raises(EngineError, match="moved 2 times already; given up"):
+        drain(MigratingStream.open(one_more_token, params, max_migrations=2))
+
+    async def dies_at_once(resumed, attempt):
         return Dies([])
 
-    async def drain(stream):
-        return [out async for out in stream]
+    with pytest.raises(EngineError, match="before the request made any progress since its last move"):
+        drain(MigratingStream.open(dies_at_once, params))
 
-    with pytest.raises(EngineError, match="no engine took the request back within 0.3 s: the engine stopped"):
-        asyncio.run(drain(MigratingStream(nobody, Dies([first]), params, timeout_s=0.3)))
-    with pytest.raises(EngineError, match="moved 2 times already; given up"):
-        asyncio.run(drain(MigratingStream(dies_again, Dies([first]), params, max_migrations=2)))
+
+def test_an_engine_lost_after_the_last_output_changes_nothing():
+    """The request's last output came, then its replica died before the stream's end: no move, nothing twice."""
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    submitted = []
+
+    async def submit(resumed, attempt):
+        submitted.append(resumed)
+        return Dies([token(1), token(2, "length")])
+
+    outs, stream = drain(MigratingStream.open(submit, params))
+    assert [o.outputs[0].token_ids for o in outs] == [[1], [2]] and outs[-1].finished
+    assert submitted == [()] and stream.migrations == 0
+
+
+def test_an_engine_lost_at_the_first_submission_is_a_move():
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    async def submit(resumed, attempt):
+        if attempt == 0:
+            raise EngineLost("the engine replica running this request died: ActorDiedError")
+        return Dies([token(1), token(2, "length")])
+
+    outs, stream = drain(MigratingStream.open(submit, params))
+    assert outs[-1].finished and stream.migrations == 1
+
+
+def test_a_dead_replica_is_an_engine_lost_and_a_refusal_is_itself():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from router.engine_handle import replica_error
+
+    for dead in (ActorDiedError(), ActorUnavailableError("unreachable", None)):
+        assert isinstance(replica_error(dead), EngineLost)
+
+    class TaskError(Exception):  # a RayTaskError carries what the replica raised as .cause
+        def __init__(self, cause):
+            self.cause = cause
+
+    assert isinstance(replica_error(TaskError(ActorDiedError())), EngineLost)
+    refusal = ValueError("the prompt is empty")
+    assert replica_error(TaskError(refusal)) is refusal

@@ -1,6 +1,6 @@
 """Recovery: an expert worker actor is killed in the middle of a streaming request. The replica rebuilds its workers
 in place; the stream moves onto the rebuilt engine with the tokens it had and goes on unbroken, as if nothing had
-died; a request sent during the rebuild waits for it, and later requests give the single-process engine's tokens. If the engine cannot be rebuilt,
+died (so it waited for the rebuild); later requests give the single-process engine's tokens. If the engine cannot be rebuilt,
 it stops and refuses requests with the cause (so the replica fails its health check, and Serve replaces it)."""
 
 import asyncio
