@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -95,3 +98,25 @@ def sse_events(response) -> Iterator[dict]:
             data = event.decode().removeprefix("data: ")
             if data.startswith("{"):
                 yield json.loads(data)
+
+
+@contextmanager
+def served(app) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a free loopback port, in a thread of its own; yields its base URL."""
+    import uvicorn
+
+    from workers.multiproc_executor import free_port
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

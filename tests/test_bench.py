@@ -4,13 +4,11 @@ latencies it reports must add up to that, its token counts to what was asked, an
 import argparse
 import asyncio
 import json
-import threading
 import time
 from types import SimpleNamespace
 
 import matplotlib.image
 import pytest
-import uvicorn
 
 from cluster.bench import add_bench_parser
 from cluster.load_generator import BenchRequest, LoadGenerator
@@ -19,6 +17,7 @@ from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine, load_tokenizer
 from router.openai_server import build_app
 from tests.fake_runner import FakeExecutor
+from tests.harness import served
 from workers.multiproc_executor import free_port
 
 STEP_S = 0.01  # each engine step sleeps this long: a floor under every gap between tokens
@@ -36,15 +35,8 @@ def url(checkpoint_dir):
     model_config = SimpleNamespace(vocab_size=1000, max_position_embeddings=4096, eos_token_ids=())
     engine = AsyncEngine(LLMEngine(EngineConfig(block_size=4), model_config, SlowExecutor(256, 4),
                                    load_tokenizer(checkpoint_dir("v2_lite"))))
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine, "fake"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with served(build_app(engine, "fake")) as url:
+        yield url
     engine.shutdown()
 
 

@@ -1,20 +1,17 @@
 """The OpenAI-compatible HTTP server, driven by the official `openai` client and by raw HTTP for bad input."""
 
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine
 from router.openai_server import build_app
-from tests.harness import hf_greedy, hf_model, parsed
+from tests.harness import hf_greedy, hf_model, parsed, served
 
 MODEL = "tiny-deepseek-v2"
 
@@ -24,20 +21,8 @@ def server(checkpoint_dir):
     d = checkpoint_dir("v2_lite")
     core = LLMEngine.from_config(EngineConfig(model=str(d), dtype="float32", kv_cache_gib=0.05, max_model_len=512))
     engine = AsyncEngine(core)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "client": openai.OpenAI(base_url=f"{url}/v1", api_key="none"), "dir": d, "engine": engine}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with served(build_app(engine, MODEL)) as url:
+        yield {"url": url, "client": openai.OpenAI(base_url=f"{url}/v1", api_key="none"), "dir": d, "engine": engine}
     engine.shutdown()
 
 

@@ -7,14 +7,11 @@ import json
 import pickle
 import shutil
 import socket
-import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 
 from cluster.cli import build_parser, overrides
 from cluster.serve_config import ServeConfig
@@ -23,10 +20,10 @@ from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine, load_tokenizer
 from router.openai_server import ServerLimits, build_app
 from tests.fake_runner import FakeExecutor
+from tests.harness import served
 from workers.checkpoint import Checkpoint
 from workers.config import ModelConfig
 from workers.loader import check_checkpoint
-from workers.multiproc_executor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVING_CODE = ("router", "cluster", "workers", "proto")
@@ -42,16 +39,8 @@ def url(checkpoint_dir):
     tokenizer = load_tokenizer(checkpoint_dir("v2_lite"))
     model_config = SimpleNamespace(vocab_size=1000, max_position_embeddings=4096, eos_token_ids=())
     engine = AsyncEngine(LLMEngine(EngineConfig(block_size=4), model_config, FakeExecutor(256, 4), tokenizer))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, "fake", LIMITS), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(build_app(engine, "fake", LIMITS)) as url:
+        yield url
     engine.shutdown()
 
 

@@ -1,13 +1,10 @@
 """Sessions: history pinned in the engine's cache between turns, and the HTTP session API over the real model."""
 
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
@@ -15,6 +12,7 @@ from router.llm_engine import LLMEngine
 from router.openai_server import ServerLimits, build_app
 from router.session_store import SessionError, SessionStore
 from tests.fake_runner import fake_engine
+from tests.harness import served
 from workers.sampling_params import SamplingParams
 
 P = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
@@ -98,19 +96,9 @@ def server(checkpoint_dir):
     d = checkpoint_dir("v2_lite")
     core = LLMEngine.from_config(EngineConfig(model=str(d), dtype="float32", kv_cache_gib=0.05, max_model_len=512))
     engine = AsyncEngine(core)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = build_app(engine, MODEL, ServerLimits(api_keys=("k1", "k2")), SessionStore(ttl_s=60))
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    yield {"url": url, "client": openai.OpenAI(base_url=f"{url}/v1", api_key="k1"), "engine": engine}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with served(app) as url:
+        yield {"url": url, "client": openai.OpenAI(base_url=f"{url}/v1", api_key="k1"), "engine": engine}
     engine.shutdown()
 
 
