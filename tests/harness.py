@@ -120,3 +120,25 @@ def served(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def grpc_served(servicer):
+    """serve_grpc (as `moe-serve` runs it) for a GrpcServicer on a free port, on an event loop thread of its own;
+    yields a channel to it."""
+    import asyncio
+
+    import grpc
+
+    from router.grpc_server import serve_grpc
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(serve_grpc(servicer), loop).result(30)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        channel.close()
+        asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)

@@ -1,10 +1,8 @@
 """The gRPC front door, driven by a client generated from proto/: streaming, sessions, errors as status codes,
 deadlines and cancellation reaching the engine, Abort, health and reflection."""
 
-import asyncio
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
@@ -17,11 +15,10 @@ from proto import moe_serve_pb2_grpc as pb_grpc
 from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.frontend import Frontend
-from router.grpc_server import serve_grpc
 from router.grpc_servicer import GrpcServicer
 from router.llm_engine import LLMEngine
 from router.session_store import SessionStore
-from tests.harness import hf_greedy, hf_model
+from tests.harness import grpc_served, hf_greedy, hf_model
 
 KEY = [("authorization", "Bearer k1")]
 GREEDY = pb.SamplingParams(temperature=0, ignore_eos=True)
@@ -32,15 +29,8 @@ def server(checkpoint_dir):
     d = checkpoint_dir("v2_lite")
     core = LLMEngine.from_config(EngineConfig(model=str(d), dtype="float32", kv_cache_gib=0.05, max_model_len=512))
     engine = AsyncEngine(core)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    servicer = GrpcServicer(Frontend(engine, "tiny", SessionStore()), api_keys=("k1",))
-    srv, port = asyncio.run_coroutine_threadsafe(serve_grpc(servicer), loop).result(30)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    yield {"stub": pb_grpc.MoeServeStub(channel), "channel": channel, "core": core, "dir": d}
-    channel.close()
-    asyncio.run_coroutine_threadsafe(srv.stop(None), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
+    with grpc_served(GrpcServicer(Frontend(engine, "tiny", SessionStore()), api_keys=("k1",))) as channel:
+        yield {"stub": pb_grpc.MoeServeStub(channel), "channel": channel, "core": core, "dir": d}
     engine.shutdown()
 
 

@@ -15,8 +15,6 @@ After the fuzzing the service still serves: a valid Generate runs, no request is
 servicer, and no session is left busy.
 """
 
-import asyncio
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -33,11 +31,12 @@ from proto import moe_serve_pb2 as pb
 from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.frontend import Frontend
-from router.grpc_server import SERVICE, serve_grpc
+from router.grpc_server import SERVICE
 from router.grpc_servicer import GrpcServicer
 from router.llm_engine import LLMEngine, load_tokenizer
 from router.session_store import SessionStore
 from tests.fake_runner import VOCAB, FakeExecutor
+from tests.harness import grpc_served
 from tests.proto_strategies import messages, near, texts, wire_bytes
 
 KEY = [("authorization", "Bearer k1")]
@@ -76,17 +75,11 @@ def serving(checkpoint_dir, **config):
     model_config = SimpleNamespace(vocab_size=VOCAB, max_position_embeddings=4096, eos_token_ids=())
     core = LLMEngine(EngineConfig(block_size=4, **config), model_config, FakeExecutor(64, 4), tokenizer)
     engine = AsyncEngine(core)
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
     servicer = GrpcServicer(Frontend(engine, "fake", SessionStore()), api_keys=("k1",))
-    srv, port = asyncio.run_coroutine_threadsafe(serve_grpc(servicer), loop).result(30)
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield SimpleNamespace(channel=channel, core=core, servicer=servicer)
+        with grpc_served(servicer) as channel:
+            yield SimpleNamespace(channel=channel, core=core, servicer=servicer)
     finally:
-        channel.close()
-        asyncio.run_coroutine_threadsafe(srv.stop(None), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
         engine.shutdown()
 
 
