@@ -212,8 +212,9 @@ def cmd_up(args) -> int:
 
     from cluster.serve_app import SERVE_ENV
 
-    for name, value in SERVE_ENV.items():  # before Ray and Serve start (and are imported), unless set otherwise
-        os.environ.setdefault(name, value)
+    if own_ray:  # for the Ray we start (its processes take our environment), unless set otherwise
+        for name, value in SERVE_ENV.items():
+            os.environ.setdefault(name, value)
     import ray
     from ray import serve
 
