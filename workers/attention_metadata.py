@@ -36,14 +36,15 @@ class AttentionMetadata:
         """Sequence i's cached entries: cache [N, bs, *E] -> [C, *E]."""
         c = self.context_lens_list[i]
         blocks = self.block_tables[i, : (c + self.block_size - 1) // self.block_size]
-        return cache[blocks].flatten(0, 1)[:c]
+        return cache.index_select(0, blocks).flatten(0, 1)[:c]
 
     def decode_context(self, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode sequences' entries, padded: cache [N, bs, *E] -> ([B, S, *E], valid mask [B, S])."""
         B = self.num_decodes
         longest = max(self.context_lens_list[:B])
         blocks = self.block_tables[:B, : (longest + self.block_size - 1) // self.block_size]  # [B, M]
-        entries = cache[blocks].flatten(1, 2)  # [B, M*bs, *E]
+        # index_select copies whole blocks; advanced indexing (cache[blocks]) goes element by element, ~5x slower
+        entries = cache.index_select(0, blocks.flatten()).view(B, -1, *cache.shape[2:])  # [B, M*bs, *E]
         positions = torch.arange(entries.shape[1], device=cache.device)[None, :]  # [1, S]
         return entries, positions < self.context_lens[:B, None]
 

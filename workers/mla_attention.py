@@ -1,7 +1,8 @@
 """MLAAttention: DeepSeek-V2 multi-head latent attention over a paged latent cache.
 
 The cache holds, per token, the normalized latent c_kv [L] and the roped key k_pe [R]; keys and values are never
-cached expanded. Prefill chunks expand their context through kv_b_proj a tile at a time (the "naive" form, see
+cached expanded. kv_b_proj's rows are kept grouped as [all heads' W_UK | all heads' W_UV] (the checkpoint
+interleaves them per head), so each half is one contiguous [H, *, L] batch for the decode bmms. Prefill chunks expand their context through kv_b_proj a tile at a time (the "naive" form, see
 tiled_attention); decode uses the weight-absorbed form, scoring queries directly against the latents and applying
 W_UV after attention. A step may mix both: its decode tokens come first in the flat batch.
 """
@@ -35,6 +36,7 @@ class MLAAttention(nn.Module):
         self.kv_a_proj_with_mqa = nn.Linear(D, self.latent_dim + self.rope_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.latent_dim, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.latent_dim, H * (self.nope_dim + self.v_dim), bias=False)
+        self.kv_b_proj.weight.weight_loader = self._load_kv_b
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=config.attention_bias)
         self.rotary = rotary
         self.scale = softmax_scale(qk_dim, config.rope)
@@ -69,25 +71,37 @@ class MLAAttention(nn.Module):
         H, L, N, R, V = self.num_heads, self.latent_dim, self.nope_dim, self.rope_dim, self.v_dim
 
         def tile(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-            e = entries[start:stop]  # [C, L+R]
-            kv = self.kv_b_proj(e[:, :L]).view(stop - start, H, N + V)  # [C, H, N+V]
-            k = torch.cat((kv[..., :N], e[:, None, L:].expand(stop - start, H, R)), dim=-1)  # [C, H, N+R]
-            return k, kv[..., N:]
+            C, e = stop - start, entries[start:stop]  # [C, L+R]
+            kv = self.kv_b_proj(e[:, :L])  # [C, H*N + H*V]
+            k = torch.cat((kv[:, : H * N].view(C, H, N), e[:, None, L:].expand(C, H, R)), dim=-1)  # [C, H, N+R]
+            return k, kv[:, H * N :].view(C, H, V)
 
         return tile
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.kv_b_proj.weight.view(self.num_heads, self.nope_dim + self.v_dim, self.latent_dim)  # [H, N+V, L]
-        return w[:, : self.nope_dim], w[:, self.nope_dim :]  # W_UK [H, N, L], W_UV [H, V, L]
+        H, N = self.num_heads, self.nope_dim
+        w = self.kv_b_proj.weight  # [H*N + H*V, L]
+        return w[: H * N].view(H, N, -1), w[H * N :].view(H, self.v_dim, -1)  # W_UK [H, N, L], W_UV [H, V, L]
+
+    def _load_kv_b(self, param: torch.Tensor, ref, shard) -> None:
+        """The checkpoint's rows, per head [W_UK_h; W_UV_h], regrouped as [W_UK of every head; W_UV of every head]."""
+        rows = torch.empty_like(param.data)
+        ref.read_into(rows)
+        rows = rows.view(self.num_heads, self.nope_dim + self.v_dim, -1)  # [H, N+V, L]
+        w_uk, w_uv = self._w_kv_b()
+        w_uk.data.copy_(rows[:, : self.nope_dim])
+        w_uv.data.copy_(rows[:, self.nope_dim :])
 
     def _decode_absorbed(self, q_nope, q_pe, cache, meta: AttentionMetadata) -> torch.Tensor:
+        """Scores against the cached entries [c_kv | k_pe] in one bmm (the query absorbed into the latent, then
+        [q_latent | q_pe]); the latents are also the values, so k_pe's columns are dropped after the second."""
         L = self.latent_dim
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, L]
+        q = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, L+R]
         entries, valid = meta.decode_context(cache)  # [B, S, L+R], [B, S]
-        c_kv, k_pe = entries[..., :L], entries[..., L:]  # [B, S, L], [B, S, R]
-        scores = torch.bmm(q_latent, c_kv.transpose(1, 2)) + torch.bmm(q_pe, k_pe.transpose(1, 2))  # [B, H, S]
+        scores = torch.bmm(q, entries.transpose(1, 2))  # [B, H, S]
         scores = (scores.float() * self.scale).masked_fill(~valid[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(c_kv.dtype)  # [B, H, S]
-        o_latent = torch.bmm(probs, c_kv)  # [B, H, L]
+        probs = scores.softmax(dim=-1).to(entries.dtype)  # [B, H, S]
+        o_latent = torch.bmm(probs, entries)[..., :L]  # [B, H, L]
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
