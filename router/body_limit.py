@@ -65,8 +65,8 @@ class HeaderLimit:
         return await self.app(scope, receive, send)
 
 
-async def refuse(send, status: int, message: str) -> None:
-    body = json.dumps(error_body(message, "invalid_request_error", status)).encode()
+async def refuse(send, status: int, message: str, kind: str = "invalid_request_error") -> None:
+    body = json.dumps(error_body(message, kind, status)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

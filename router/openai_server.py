@@ -14,7 +14,6 @@ cached_tokens says how much was reused).
 
 from __future__ import annotations
 
-import hmac
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
+from router.api_key_auth import ApiKeyAuth, bearer
 from router.body_limit import BodyLimit, HeaderLimit
 from router.frontend import Frontend, session_error
 from router.metrics import Metrics
@@ -76,14 +76,8 @@ def build_app(engine, model_name: str, limits: ServerLimits = ServerLimits(), se
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse(error_body(message, "invalid_request_error", 400, where or None), status_code=400)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if limits.api_keys and request.url.path not in PUBLIC_PATHS:
-            key = api_key(request)
-            if key is None or not any(hmac.compare_digest(key, k) for k in limits.api_keys):
-                return JSONResponse(error_body("missing or wrong API key: send 'Authorization: Bearer <key>'",
-                                               "authentication_error", 401), status_code=401)
-        return await call_next(request)
+    if limits.api_keys:  # outermost: checked before the size limits, as before
+        app.add_middleware(ApiKeyAuth, keys=limits.api_keys, public_paths=PUBLIC_PATHS)
 
     def caller(request: Request) -> str | None:
         """Whose sessions these are: the API key, when the server has keys (then it has been checked)."""
@@ -258,8 +252,7 @@ def session_body(session: Session, max_len: int) -> dict:
 
 
 def api_key(request: Request) -> str | None:
-    given = request.headers.get("authorization", "")
-    return given[len("Bearer "):] if given.startswith("Bearer ") else None
+    return bearer(request.headers.get("authorization", ""))
 
 
 def completion_prompts(prompt, encode) -> tuple[list[list[int]], list[str | None]]:

@@ -182,7 +182,8 @@ def test_api_keys_body_limit_and_queue_limit():
         app = build_app(engine, "fake", ServerLimits(api_keys=("k1",), max_body_bytes=2000))
         with TestClient(app) as http:
             body = {"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0}
-            assert http.post("/v1/completions", json=body).status_code == 401
+            refused = http.post("/v1/completions", json=body)
+            assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
             assert http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k2"}).status_code == 401
             ok = http.post("/v1/completions", json=body, headers={"Authorization": "Bearer k1"})
             assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
