@@ -154,7 +154,8 @@ def engine_config(args, model: str) -> EngineConfig:
                         kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
                         enable_prefix_caching=not args.no_prefix_caching,
                         attention_workers=args.attention_workers, expert_workers=args.expert_workers,
-                        expert_placement=args.expert_placement, micro_batches=args.micro_batches)
+                        expert_placement=args.expert_placement, micro_batches=args.micro_batches,
+                        stream_interval=args.stream_interval)
 
 
 def default_model() -> str:
@@ -169,6 +170,7 @@ UP_FIELDS = {  # `moe-serve up` flags -> the config fields they override
     "model": "model.path", "served_model_name": "model.name", "dtype": "model.dtype", "device": "model.device",
     "random_weights": "model.random_weights", "max_num_seqs": "scheduler.max_num_seqs",
     "max_num_batched_tokens": "scheduler.max_num_batched_tokens", "max_model_len": "scheduler.max_model_len",
+    "stream_interval": "scheduler.stream_interval",
     "kv_cache_gib": "cache.kv_cache_gib", "no_prefix_caching": "cache.prefix_caching",
     "attention_workers": "topology.attention_workers", "expert_workers": "topology.expert_workers",
     "expert_placement": "topology.expert_placement", "micro_batches": "topology.micro_batches",
@@ -309,6 +311,9 @@ def add_engine_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--random-weights", action="store_true", help="random weights of the checkpoint's shapes")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--stream-interval", type=int, default=1, metavar="K",
+                   help="stream each request's tokens every K steps (its first and last at once); larger K means "
+                        "fewer messages per token, burstier streams")
     g.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget on CPU")
     g.add_argument("--max-model-len", type=int, default=None, help="longest sequence (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true", help="compute every prompt in full")

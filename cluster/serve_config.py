@@ -80,6 +80,7 @@ class Scheduler(Section):
     max_num_batched_tokens: int = Field(EngineConfig.max_num_batched_tokens, ge=1)
     max_model_len: int | None = Field(EngineConfig.max_model_len, ge=1)  # default: the model's
     max_waiting: int = Field(EngineConfig.max_waiting, ge=0)
+    stream_interval: int = Field(EngineConfig.stream_interval, ge=1)
 
 
 class Replicas(Section):
@@ -192,7 +193,8 @@ class ServeConfig(Section):
         return EngineConfig(
             model=model_dir, dtype=m.dtype, device=m.device, random_weights=m.random_weights,
             max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
-            max_model_len=s.max_model_len, max_waiting=s.max_waiting, kv_cache_gib=c.kv_cache_gib,
+            max_model_len=s.max_model_len, max_waiting=s.max_waiting, stream_interval=s.stream_interval,
+            kv_cache_gib=c.kv_cache_gib,
             gpu_memory_utilization=c.gpu_memory_utilization, enable_prefix_caching=c.prefix_caching,
             attention_workers=t.attention_workers, expert_workers=t.expert_workers,
             expert_placement=None if t.expert_placement is None else tuple(t.expert_placement),

@@ -24,6 +24,7 @@ class EngineConfig:
     expert_placement: tuple[int, ...] | None = None  # expert id -> expert worker; default: contiguous ranges
     micro_batches: int = 2  # per step and attention rank, ping-ponged against the experts (with expert workers)
     worker_threads: int | None = None  # torch threads per worker process; default: the CPUs shared out
+    stream_interval: int = 1  # steps between a request's streamed outputs (its first and last go out at once)
     max_waiting: int = 1024  # queued sequences beyond which new requests are refused as busy (HTTP 429)
     session_cache_fraction: float = 0.5  # of each rank's cache blocks, at most this much pinned for sessions
     session_ttl_s: float = 1800.0  # a session's pinned history is let go after this long without a turn
@@ -33,6 +34,8 @@ class EngineConfig:
             raise ValueError(f"attention_workers must be at least 1, not {self.attention_workers}")
         if self.expert_workers < 0:
             raise ValueError(f"expert_workers must be 0 (colocated) or more, not {self.expert_workers}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, not {self.stream_interval}")
         if self.micro_batches < 1:
             raise ValueError(f"micro_batches must be at least 1, not {self.micro_batches}")
         if not 0.0 <= self.session_cache_fraction <= 1.0:

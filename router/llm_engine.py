@@ -14,6 +14,7 @@ from router.resumed_sample import ResumedSample
 from router.scheduler import Scheduled, Scheduler
 from router.sequence import Sequence
 from router.session_pins import SessionPins
+from router.stream_interval import StreamInterval
 from router.worker_stats import WorkerStats
 from workers.block_manager import BlockManager
 from workers.checkpoint import CheckpointError
@@ -43,6 +44,7 @@ class LLMEngine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
         self.requests: dict[str, list[Sequence]] = {}  # unfinished requests: all their samples
+        self.stream = StreamInterval(config.stream_interval)  # which outputs each step streams
         self._seq_ids = itertools.count()
 
     @classmethod
@@ -158,6 +160,7 @@ class LLMEngine:
         seqs = self.requests.pop(request_id, None)
         if seqs is None:
             return None
+        self.stream.drop(request_id)
         outputs = []
         for seq in seqs:
             if not seq.finished:
@@ -189,7 +192,8 @@ class LLMEngine:
     # --- the hot path ---
 
     def step(self) -> list[RequestOutput]:
-        """One forward pass: schedule -> run -> postprocess. Returns what each request gained."""
+        """One forward pass: schedule -> run -> postprocess. Returns what each request gained (held back and merged
+        between a request's first and last outputs, with a stream_interval over 1)."""
         self.sessions.expire()
         scheduled = [self._schedule(rank) for rank in range(len(self.schedulers))]  # per attention rank
         if not any(scheduled):
@@ -199,7 +203,8 @@ class LLMEngine:
         for released in self.released:
             released.clear()
         results = self.executor.execute(plans)
-        return self._postprocess([s for batch in scheduled for s in batch], [r for rank in results for r in rank])
+        outputs = self._postprocess([s for batch in scheduled for s in batch], [r for rank in results for r in rank])
+        return self.stream(outputs)
 
     def _schedule(self, rank: int) -> list[Scheduled]:
         """The rank's batch. A rank whose work cannot move for want of blocks that sessions hold between turns (a

@@ -76,6 +76,7 @@ def test_an_impossible_plan_is_refused_with_the_plan(tmp_path, yaml_text, messag
     ("topology:\n  expert_worker: 2\n", "topology.expert_worker", "unknown field; did you mean 'expert_workers'"),
     ("sheduler: {}\n", "sheduler", "unknown field; did you mean 'scheduler'"),
     ("scheduler:\n  max_num_seqs: lots\n", "scheduler.max_num_seqs", "valid integer"),
+    ("scheduler:\n  stream_interval: 0\n", "scheduler.stream_interval", "greater than or equal to 1"),
     ("resources:\n  engine: {gpus: one}\n", "resources.engine.gpus", "valid number"),
     ("model: {dtype: fp8}\n", "model.dtype", "'auto', 'float32', 'bfloat16' or 'float16'"),
     (f"model: {{shapes: {SHAPES / 'deepseek-coder-6.7b'}}}\ntopology: {{expert_workers: 2}}\n",
@@ -109,10 +110,12 @@ def test_not_a_config(tmp_path, yaml_text, message):
 def test_up_flags_given_override_the_file_and_only_those():
     path = str(ROOT / "configs/deepseek-coder-v2-lite-4gpu.yaml")
     args = build_parser().parse_args(["up", path, "--expert-workers", "4", "--max-num-seqs", "8",
-                                      "--no-prefix-caching", "--api-key", "k1", "--api-key", "k2"])
+                                      "--no-prefix-caching", "--api-key", "k1", "--api-key", "k2",
+                                      "--stream-interval", "4"])
     options = ServeConfig.load(args.config, overrides(args)).serve_options("/models/x")
     e = options.engine
     assert (e.expert_workers, e.max_num_seqs, e.enable_prefix_caching, options.api_keys) == (4, 8, False, ("k1", "k2"))
+    assert e.stream_interval == 4
     assert (e.attention_workers, e.max_num_batched_tokens, e.dtype) == (2, 8192, "bfloat16")  # from the file
     assert options.attention_worker_resources == {"CPU": 4.0, "GPU": 1.0}
     assert overrides(build_parser().parse_args(["up", path])) == {}
