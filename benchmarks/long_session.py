@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,8 +46,8 @@ def main() -> None:
     model = work / "tiny-v2-160k"
     if not (model / "config.json").exists():
         make_checkpoint("v2_lite", model, **LONG_CONTEXT)
-    engine = AsyncEngine(LLMEngine.from_config(EngineConfig(model=str(model), dtype="float32", device="cpu",
-                                                            kv_cache_gib=0.25, max_num_batched_tokens=4096)))
+    engine = AsyncEngine(partial(LLMEngine.from_config, EngineConfig(model=str(model), dtype="float32", device="cpu",
+                                                                    kv_cache_gib=0.25, max_num_batched_tokens=4096)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -34,12 +34,13 @@ from benchmarks.offline_throughput import PRELOAD, VLLM_ENV, VOCAB, make_checkpo
 LEVELS = [(1, 16), (16, 128), (64, 192)]  # (concurrency, requests)
 INPUT_LEN, OUTPUT_LEN = 32, 64
 IN_PROCESS = """import sys, uvicorn
+from functools import partial
 from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine
 from router.openai_server import build_app
-engine = AsyncEngine(LLMEngine.from_config(EngineConfig(model=sys.argv[1], dtype=sys.argv[3], device="cpu",
-                                                        stream_interval=int(sys.argv[4]))))
+engine = AsyncEngine(partial(LLMEngine.from_config, EngineConfig(model=sys.argv[1], dtype=sys.argv[3], device="cpu",
+                                                                stream_interval=int(sys.argv[4]))))
 uvicorn.run(build_app(engine, "mini"), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """  # the same engine and HTTP app in one process, without Ray Serve: what the served path costs
 WORKERS_2X2 = """topology: {attention_workers: 2, expert_workers: 2, micro_batches: 1}
@@ -50,7 +51,7 @@ resources: {engine: {cpus: 0.2}, attention_worker: {cpus: 0.4}, expert_worker: {
 def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
             interval: int) -> dict[str, tuple[list[str], dict]]:
     """name -> (command, extra environment)."""
-    up = [sys.executable, "-m", "cluster.cli", "up", "--model", str(ckpt), "--dtype", dtype,
+    up = [sys.executable, "-m", "cluster.cli", "up", "--model", str(ckpt), "--dtype", dtype, "--engine-cpus", "2",
           "--stream-interval", str(interval),
           "--http-port", str(port), "--grpc-port", str(port + 1), "--served-model-name", "mini"]
     (work / "2x2.yaml").write_text(WORKERS_2X2)

@@ -46,7 +46,7 @@ class EngineServer:
         self.replica = serve.get_replica_context().replica_id.unique_id
         build = partial(LLMEngine.from_config, config,
                         executor_cls=partial(RayExecutor, pools=pools, name=f"moe-serve/{self.replica}"))
-        self.engine = AsyncEngine(build(), rebuild=build)
+        self.engine = AsyncEngine(build, rebuild=build)  # built on the engine's thread, which steps it
         log.info("engine replica %s ready: %s", self.replica, config.model)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,

@@ -43,9 +43,11 @@ class EngineBusy(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, worker_stats_period_s: float = 5.0,
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], worker_stats_period_s: float = 5.0,
                  rebuild: Callable[[], LLMEngine] | None = None):
-        self.engine = engine
+        """engine: the LLMEngine, or a function that builds it. A function is called on the engine's own thread,
+        which then runs every step: on CPU a model built on one thread (one OpenMP thread team) and stepped on
+        another runs ~40% slower (benchmarks/RESULTS.md). If building fails, this raises what it raised."""
         self._rebuild = rebuild
         self._failure: str | None = None  # why the engine stopped for good
         self.worker_stats_period_s = worker_stats_period_s
@@ -53,11 +55,15 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stopped = False
-        self._stats = engine.stats()
         self._workers: WorkerStats | None = None
         self._workers_read_at = -worker_stats_period_s
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._ready = threading.Event()
+        self._build_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(engine,), name="engine-loop", daemon=True)
         self._thread.start()
+        self._ready.wait()
+        if self._build_error is not None:
+            raise self._build_error
 
     # what the front doors read
     @property
@@ -136,7 +142,15 @@ class AsyncEngine:
 
     # --- the engine thread ---
 
-    def _run(self) -> None:
+    def _run(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
+        try:
+            self.engine = engine if isinstance(engine, LLMEngine) else engine()
+            self._stats = self.engine.stats()
+        except BaseException as e:  # noqa: BLE001 - raised by __init__, on the caller's thread
+            self._build_error = e
+            return
+        finally:
+            self._ready.set()
         try:
             while not self._stopped:
                 self._wake.clear()
@@ -155,8 +169,7 @@ class AsyncEngine:
                     self._refresh_stats()
                     continue
                 self._refresh_stats()  # before the outputs: a client that saw its request end sees it gone
-                for out in outputs:
-                    self._emit(out.request_id, out)
+                self._emit_all([(out.request_id, out) for out in outputs])
                 self._read_workers()
         finally:
             self.engine.shutdown()  # also an engine rebuilt while shutdown() waited
@@ -233,14 +246,26 @@ class AsyncEngine:
             self._emit(request_id, error)
 
     def _emit(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is None:
-            return
-        loop, stream = target
-        try:
-            loop.call_soon_threadsafe(stream.put_nowait, item)
-        except RuntimeError:  # the client's event loop is gone
-            pass
+        self._emit_all([(request_id, item)])
+
+    def _emit_all(self, items: list[tuple[str, object]]) -> None:
+        """(request id, output or error) pairs to their streams, handed to each event loop in one call: one
+        wake-up per loop and step, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for request_id, item in items:
+            target = self._streams.get(request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(deliver, batch)
+            except RuntimeError:  # that client's event loop is gone
+                pass
+
+
+def deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
 
 
 class OutputStream:

@@ -168,3 +168,70 @@ def test_a_worker_lost_while_reporting_ends_no_stream_silently_and_the_rebuilt_e
     assert first.finished and len(first.outputs[0].token_ids) == 1
     assert rebuilt and second.finished and len(second.outputs[0].token_ids) == 1
     assert eng.stats().waiting == 0
+
+
+def test_a_builder_runs_on_the_engine_thread_and_its_failure_is_raised():
+    built_on = []
+
+    def build():
+        built_on.append(threading.current_thread().name)
+        return fake_engine()
+
+    eng = AsyncEngine(build)
+    try:
+        async def main():
+            return await collect(eng, [1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+
+        assert len(asyncio.run(main()).outputs[0].token_ids) == 3
+        assert built_on == [eng._thread.name] == ["engine-loop"]  # the thread that then runs every step
+    finally:
+        eng.shutdown()
+
+    def broken():
+        raise FileNotFoundError("no config.json in /nowhere")
+
+    with pytest.raises(FileNotFoundError, match="/nowhere"):
+        AsyncEngine(broken)
+
+
+def test_one_step_wakes_each_event_loop_once():
+    """A step's outputs reach every stream of a loop in one hand-over: one wake-up per step, not per request."""
+    core = fake_engine()
+    gate, steps = threading.Event(), []
+    execute = core.executor.execute
+
+    def gated(plans):
+        gate.wait()  # the first step waits until every request is in
+        results = execute(plans)
+        steps.append(sum(len(r) for r in results))
+        return results
+
+    core.executor.execute = gated
+    eng = AsyncEngine(core)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        calls = []
+        original = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kwargs):
+            calls.append(callback.__name__)
+            return original(callback, *args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        streams = [await eng.submit([i + 1, 2, 3], params) for i in range(8)]
+        gate.set()
+
+        async def drain(stream):
+            return [t async for out in stream for t in out.outputs[0].token_ids]
+
+        return await asyncio.gather(*(drain(s) for s in streams)), calls
+
+    try:
+        tokens, calls = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert [len(t) for t in tokens] == [4] * 8
+    assert max(steps) == 8  # steps that carried all eight requests' tokens...
+    assert calls.count("deliver") == len([n for n in steps if n])  # ...each handed over in one call
