@@ -59,13 +59,17 @@ async def merged_streams(outputs: list[Outputs]) -> AsyncIterator[tuple[int, Req
     """(stream index, output) as they come, from all streams at once; closing it aborts them all."""
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
+    reading: set[int] = set()  # streams a pump is inside of: cancelling that pump closes them as it unwinds
 
     async def pump(i: int, stream: Outputs) -> None:
+        reading.add(i)
         try:
             async for out in stream:
                 await queue.put((i, out))
         except Exception as e:  # noqa: BLE001 - handed to the consumer
             await queue.put(e)
+        finally:
+            reading.discard(i)
         await queue.put(done)
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(outputs)]
@@ -82,7 +86,8 @@ async def merged_streams(outputs: list[Outputs]) -> AsyncIterator[tuple[int, Req
     finally:
         for t in tasks:
             t.cancel()
-        await close_all(outputs)
+        # the others (a pump not started, or done): closing one a pump is inside of would find it running
+        await close_all([s for i, s in enumerate(outputs) if i not in reading])
 
 
 def sse(chunks: AsyncIterator[dict], replica: str | None = None) -> StreamingResponse:

@@ -202,3 +202,34 @@ def test_api_keys_body_limit_and_queue_limit():
             assert r.status_code == 429
     finally:
         full.shutdown()
+
+
+def test_closing_merged_streams_midway_closes_every_stream():
+    """A client that leaves while n>1 samples stream: each sample's stream is closed (its request aborted), also
+    those a pump task is still inside of (closing those directly raised "asynchronous generator is already
+    running")."""
+    import asyncio
+
+    from router.openai_responses import merged_streams
+
+    closed = []
+
+    async def stream(i, first):
+        try:
+            if first:
+                yield i
+            await asyncio.Event().wait()  # then nothing more comes
+            yield -1
+        finally:
+            closed.append(i)
+
+    async def main():
+        merged = merged_streams([stream(0, True), stream(1, False), stream(2, True)])
+        got = [await merged.__anext__(), await merged.__anext__()]
+        await merged.aclose()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the cancelled pumps unwind, closing their streams
+        return got
+
+    assert sorted(asyncio.run(main())) == [(0, 0), (2, 2)]
+    assert sorted(closed) == [0, 1, 2]
