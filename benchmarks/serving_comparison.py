@@ -51,7 +51,7 @@ resources: {engine: {cpus: 0.2}, attention_worker: {cpus: 0.4}, expert_worker: {
 def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
             interval: int) -> dict[str, tuple[list[str], dict]]:
     """name -> (command, extra environment)."""
-    up = [sys.executable, "-m", "cluster.cli", "up", "--model", str(ckpt), "--dtype", dtype, "--engine-cpus", "2",
+    up = [sys.executable, "-m", "cluster.cli", "up", "--model", str(ckpt), "--dtype", dtype,
           "--stream-interval", str(interval),
           "--http-port", str(port), "--grpc-port", str(port + 1), "--served-model-name", "mini"]
     (work / "2x2.yaml").write_text(WORKERS_2X2)
@@ -60,7 +60,9 @@ def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
     vllm = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
             "--served-model-name", "mini", "--dtype", dtype, "--enforce-eager", "--max-model-len", "4096",
             "--stream-interval", str(interval)]
-    return {"moe-serve colocated": (up, {}),
+    # colocated, the model runs in the engine replica: it reserves both cores, so Ray gives it two torch threads
+    # (OMP_NUM_THREADS = its CPUs), as vLLM's worker binds both; with 2+2 the worker actors hold the CPUs
+    return {"moe-serve colocated": (up + ["--engine-cpus", "2"], {}),
             "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port), dtype, str(interval)], {}),
             "moe-serve 2+2": (up[:4] + [str(work / "2x2.yaml")] + up[4:], {}),
             "vllm serve (eager)": (vllm, {**VLLM_ENV, "LD_PRELOAD": preload})}
