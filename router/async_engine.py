@@ -269,12 +269,15 @@ def deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
 
 
 class OutputStream:
-    """One request's outputs as they come. Leaving before the end (close(), or a cancelled wait) aborts it."""
+    """One request's outputs as they come. Leaving before the end (close(), or a cancelled wait) aborts it.
+    Outputs that piled up while the reader was busy come as one, their deltas merged (as vLLM's output collector
+    does): a reader that keeps up gets every step's, one that lags is not left further behind by a message each."""
 
     def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
         self.engine, self.request_id, self._queue = engine, request_id, queue
         self._open = True
         self._finished = False
+        self._error: Exception | None = None  # came behind outputs merged into the last one; raised next
 
     def __aiter__(self) -> "OutputStream":
         return self
@@ -283,10 +286,16 @@ class OutputStream:
         if self._finished or not self._open:
             raise StopAsyncIteration
         try:
-            item = await self._queue.get()
+            item = self._error or await self._queue.get()
         except BaseException:
             self.close()
             raise
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            later = self._queue.get_nowait()
+            if isinstance(later, Exception):
+                self._error = later
+                break
+            item = item.merge(later)
         if isinstance(item, Exception):
             self._finished = True
             self.close()

@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -40,6 +41,8 @@ def test_concurrent_streams_equal_offline_generation(checkpoint_dir):
 
 def test_leaving_a_stream_aborts_the_request_and_frees_its_blocks():
     core = fake_engine()
+    execute = core.executor.execute
+    core.executor.execute = lambda plans: time.sleep(0.002) or execute(plans)  # else it all comes as one output
     eng = AsyncEngine(core)
 
     async def main():
@@ -235,3 +238,48 @@ def test_one_step_wakes_each_event_loop_once():
     assert [len(t) for t in tokens] == [4] * 8
     assert max(steps) == 8  # steps that carried all eight requests' tokens...
     assert calls.count("deliver") == len([n for n in steps if n])  # ...each handed over in one call
+
+
+def test_outputs_that_pile_up_come_merged_and_an_error_after_them():
+    core = fake_engine()
+    eng = AsyncEngine(core)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = fake_engine().generate([[5, 6, 7]], [params])[0].outputs[0].token_ids
+
+    async def main():
+        stream = await eng.submit([5, 6, 7], params)
+        while core.has_unfinished():  # the reader is busy: every step's output waits in its queue
+            await asyncio.sleep(0.01)
+        return [out async for out in stream]
+
+    try:
+        outs = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    assert len(outs) == 1 and outs[0].finished  # twelve steps, one message
+    assert outs[0].outputs[0].token_ids == alone and outs[0].outputs[0].finish_reason == "length"
+
+    class Failing(Exception):
+        pass
+
+    slow = fake_engine()
+    execute = slow.executor.execute
+    slow.executor.execute = lambda plans: time.sleep(0.002) or execute(plans)  # 100 steps outlast the test
+    eng = AsyncEngine(slow)
+    try:
+        async def failing():
+            stream = await eng.submit([1, 2], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+            got = [await stream.__anext__()]
+            eng._emit(stream.request_id, got[0])  # two outputs and then an error, all waiting
+            eng._emit(stream.request_id, got[0])
+            eng._emit(stream.request_id, Failing("the step failed"))
+            await asyncio.sleep(0.05)
+            merged = await stream.__anext__()
+            with pytest.raises(Failing):
+                await stream.__anext__()
+            return got, merged
+
+        got, merged = asyncio.run(failing())
+        assert len(merged.outputs[0].token_ids) >= 2 * len(got[0].outputs[0].token_ids)
+    finally:
+        eng.shutdown()
