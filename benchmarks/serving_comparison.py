@@ -136,11 +136,11 @@ def main() -> int:
                   f"{r['ttft_ms']['p50']:>9.1f} {r['ttft_ms']['p99']:>9.1f} {r['tpot_ms']['p50']:>9.2f} "
                   f"{r['tpot_ms']['p99']:>9.2f}")
     (args.work / "summary.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.work / "serving_comparison.png")
+    plot(results, args.work / "serving_comparison.png", args.dtype)
     return 0
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(results: dict, path: Path, dtype: str = "float32") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,7 +152,8 @@ def plot(results: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"mini DeepSeek-V2 (real MLA widths), {INPUT_LEN} in / {OUTPUT_LEN} out, 2-core CPU")
+    ax.set_title(f"mini DeepSeek-V2 (real MLA widths), {dtype}, {INPUT_LEN} in / {OUTPUT_LEN} out, 2-core CPU",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
