@@ -61,7 +61,12 @@ class AsyncEngine:
         self._build_error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(engine,), name="engine-loop", daemon=True)
         self._thread.start()
-        self._ready.wait()
+        try:
+            self._ready.wait()
+        except BaseException:  # interrupted: the thread shuts the engine down once built, instead of serving it
+            self._stopped = True
+            self._wake.set()
+            raise
         if self._build_error is not None:
             raise self._build_error
 
@@ -145,10 +150,15 @@ class AsyncEngine:
     def _run(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         try:
             self.engine = engine if isinstance(engine, LLMEngine) else engine()
-            self._stats = self.engine.stats()
         except BaseException as e:  # noqa: BLE001 - raised by __init__, on the caller's thread
             self._build_error = e
+            self._ready.set()
             return
+        try:
+            self._stats = self.engine.stats()
+        except BaseException as e:  # noqa: BLE001 - as above; stopped, the loop below shuts the engine built down
+            self._build_error = e
+            self._stopped = True
         finally:
             self._ready.set()
         try:

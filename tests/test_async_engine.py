@@ -283,3 +283,21 @@ def test_outputs_that_pile_up_come_merged_and_an_error_after_them():
         assert len(merged.outputs[0].token_ids) >= 2 * len(got[0].outputs[0].token_ids)
     finally:
         eng.shutdown()
+
+
+def test_an_engine_built_but_broken_is_shut_down():
+    core = fake_engine()
+    shut = []
+    core.shutdown = lambda: shut.append(True)
+
+    def stats():
+        raise RuntimeError("stats failed")
+
+    core.stats = stats
+    with pytest.raises(RuntimeError, match="stats failed"):
+        AsyncEngine(lambda: core)
+    for _ in range(100):
+        if shut:
+            break
+        time.sleep(0.01)
+    assert shut == [True]

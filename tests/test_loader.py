@@ -116,3 +116,28 @@ def test_pickle_checkpoints_are_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(CheckpointError, match="only safetensors"):
         Checkpoint(tmp_path)
+
+
+def test_kv_b_rows_are_regrouped_per_half_with_unequal_head_dims(checkpoint_dir):
+    """The checkpoint's kv_b_proj rows are per head [W_UK_h (N rows); W_UV_h (V rows)]; ours hold every W_UK, then
+    every W_UV. With N != V a mix-up of the two cannot hide."""
+    import dataclasses
+
+    from workers.mla_attention import MLAAttention
+
+    cfg = dataclasses.replace(ModelConfig.from_pretrained(checkpoint_dir("v2_lite")), qk_nope_head_dim=12,
+                              v_head_dim=20)
+    attn = MLAAttention(cfg, rotary=None)
+    H, N, V, L = attn.num_heads, 12, 20, attn.latent_dim
+    rows = torch.arange(H * (N + V) * L, dtype=torch.float32).view(H * (N + V), L)
+
+    class Ref:
+        def read_into(self, out):
+            out.copy_(rows)
+
+    attn._load_kv_b(attn.kv_b_proj.weight, Ref(), None)
+    w_uk, w_uv = attn._w_kv_b()
+    per_head = rows.view(H, N + V, L)
+    torch.testing.assert_close(w_uk, per_head[:, :N])
+    torch.testing.assert_close(w_uv, per_head[:, N:])
+    assert w_uk.is_contiguous() and w_uv.is_contiguous()

@@ -233,3 +233,24 @@ def test_closing_merged_streams_midway_closes_every_stream():
 
     assert sorted(asyncio.run(main())) == [(0, 0), (2, 2)]
     assert sorted(closed) == [0, 1, 2]
+
+
+def test_api_key_check_reads_the_first_authorization_header_and_refuses_odd_bytes():
+    from fastapi.testclient import TestClient
+
+    from router.openai_server import ServerLimits
+    from tests.fake_runner import fake_engine
+
+    engine = AsyncEngine(fake_engine())
+    try:
+        app = build_app(engine, "fake", ServerLimits(api_keys=("k1",)))
+        with TestClient(app) as http:
+            body = {"prompt": [1, 2, 3], "max_tokens": 2, "temperature": 0}
+            first_right = [("authorization", "Bearer k1"), ("authorization", "Bearer nope")]
+            assert http.post("/v1/completions", json=body, headers=first_right).status_code == 200
+            first_wrong = [("authorization", "Bearer nope"), ("authorization", "Bearer k1")]
+            assert http.post("/v1/completions", json=body, headers=first_wrong).status_code == 401
+            odd = {"authorization": "Bearer k\u00e9y".encode()}  # UTF-8 bytes on the wire: 401, not a 500
+            assert http.post("/v1/completions", json=body, headers=odd).status_code == 401
+    finally:
+        engine.shutdown()
