@@ -248,7 +248,9 @@ def test_outputs_that_pile_up_come_merged_and_an_error_after_them():
 
     async def main():
         stream = await eng.submit([5, 6, 7], params)
-        while core.has_unfinished():  # the reader is busy: every step's output waits in its queue
+        for _ in range(500):  # the reader is busy: every step's output waits in its queue
+            if stream._queue.qsize() == 12:
+                break
             await asyncio.sleep(0.01)
         return [out async for out in stream]
 
