@@ -19,8 +19,9 @@ class ApiKeyAuth:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] not in self.public_paths:
-            given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")  # the first, as
-            key = bearer(given.decode("latin-1"))  # Starlette's request.headers reads it for the session's owner
+            # the first Authorization header: the one Starlette's request.headers gives the session's owner
+            given = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), b"")
+            key = bearer(given.decode("latin-1"))
             if key is None or not any(hmac.compare_digest(key.encode("latin-1"), k.encode()) for k in self.keys):
                 return await refuse(send, 401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                     "authentication_error")
