@@ -8,13 +8,13 @@ client (a dropped stream, a deadline) closes its engine streams, which aborts th
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from collections.abc import AsyncIterator
 
 import grpc
 
 from proto import moe_serve_pb2 as pb
+from router.api_key_auth import bearer, key_allowed
 from router.frontend import Frontend
 from router.request_error import RequestError
 from router.request_output import RequestOutput
@@ -56,11 +56,10 @@ class GrpcServicer:
     def authorize(self, metadata) -> str | None:
         """The caller's API key (from 'authorization: Bearer <key>'); a RequestError if keys are required and
         it is missing or wrong."""
-        given = dict(metadata or ()).get("authorization", "")
-        key = given[len("Bearer "):] if given.startswith("Bearer ") else None
+        key = bearer(dict(metadata or ()).get("authorization", ""))
         if not self.api_keys:
             return None  # an open server: sessions belong to no one in particular
-        if key is None or not any(hmac.compare_digest(key, k) for k in self.api_keys):
+        if key is None or not key_allowed(key.encode(), self.api_keys):
             raise RequestError(401, "missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
         return key
 
