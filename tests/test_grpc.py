@@ -47,14 +47,16 @@ def test_generate_streams_tokens_equal_to_transformers(server):
     ids = core.tokenizer.encode("def add(a, b):")
     params = pb.SamplingParams(temperature=0, ignore_eos=True, max_tokens=10, logprobs=2)
     messages = list(stub.Generate(pb.GenerateRequest(text="def add(a, b):", params=params), metadata=KEY))
-    assert len(messages) == 10  # one token per step, streamed
+    # One token per step, streamed; outputs that pile up behind a busy reader are merged into one message.
+    assert 1 <= len(messages) <= 10 and all(m.token_ids for m in messages)
     tokens = [t for m in messages for t in m.token_ids]
     assert tokens == hf_greedy(hf_model(server["dir"]), ids, 10)
     assert "".join(m.text for m in messages) == core.tokenizer.decode(tokens, skip_special_tokens=True)
     last = messages[-1]
     assert last.finish_reason == "length" and all(not m.finish_reason for m in messages[:-1])
     assert last.usage.prompt_tokens == len(ids) and last.usage.completion_tokens == 10
-    assert all(len(m.logprobs) == 1 and len(m.logprobs[0].top_token_ids) == 2 for m in messages)
+    assert all(len(m.logprobs) == len(m.token_ids) for m in messages)
+    assert all(len(lp.top_token_ids) == 2 for m in messages for lp in m.logprobs)
     by_ids = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), params=params), metadata=KEY))
     assert [t for m in by_ids for t in m.token_ids] == tokens
 

@@ -96,4 +96,7 @@ def test_http_stream_carries_the_same_text_in_fewer_chunks(checkpoint_dir):
     text = {k: "".join(e["choices"][0]["text"] for e in v) for k, v in chunks.items()}
     assert text[4] == text[1] and text[1]
     assert streams[4][-1]["usage"]["completion_tokens"] == streams[1][-1]["usage"]["completion_tokens"] == 20
-    assert len(chunks[1]) >= 20 and len(chunks[4]) <= 2 + -(-19 // 4)
+    # Interval 4 sends at most the first token, one chunk per 4 steps after it and the last. Interval 1 sends one
+    # per token unless outputs piled up behind a busy reader and were merged, so only "more than interval 4" holds.
+    most_at_4 = 2 + -(-19 // 4)
+    assert len(chunks[4]) <= most_at_4 < len(chunks[1]) <= 20
