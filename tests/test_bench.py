@@ -69,8 +69,11 @@ def test_sweep_measures_every_request(url, tmp_path, capsys):
         assert 0.8 * STEP_S * 1e3 <= run["itl_ms"]["p50"] < 2000
         assert all(r["e2e_s"] >= OUTPUT_LEN * STEP_S and r["ttft_s"] >= STEP_S for r in run["requests"])
         assert run["output_tokens_per_s"] == pytest.approx(N * OUTPUT_LEN / run["duration_s"])
-    # concurrency 4 batches the requests: more throughput than one at a time
-    assert report["runs"][1]["requests_per_s"] > report["runs"][0]["requests_per_s"]
+    # concurrency 4 keeps four requests in flight at once: their latencies overlap (by the clock, as throughput
+    # would be; a pause of the machine in a half-second run says nothing about it)
+    for run, at_least in zip(report["runs"], (0.9, 2.0)):
+        overlap = sum(r["e2e_s"] for r in run["requests"]) / run["duration_s"]
+        assert at_least <= overlap <= run["concurrency"] + 0.01, (run["concurrency"], overlap)
     image = matplotlib.image.imread(plot)
     assert image.shape[0] > 100 and image.shape[1] > 300
     table = capsys.readouterr().out

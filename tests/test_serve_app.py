@@ -102,7 +102,7 @@ def test_new_requests_go_to_the_less_loaded_replica_and_sessions_stay(app):
     assert all(r != busy["replica"] for r in served), (busy, served)
     sid = httpx.post(url + "/v1/sessions", json={}).json()["id"]
     messages = [{"role": "user", "content": "hello"}]
-    homes, cached = [], []
+    homes, cached, loads = [], [], []
     for turn in range(3):
         r = httpx.post(url + "/v1/chat/completions", headers={"X-Session-ID": sid}, timeout=60,
                        json={"messages": messages, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
@@ -111,10 +111,12 @@ def test_new_requests_go_to_the_less_loaded_replica_and_sessions_stay(app):
         messages += [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
                      {"role": "user", "content": f"and {turn}?"}]
         # the other replica now gets a long request, so that it is the less loaded one no longer matters
-        threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
-                         kwargs={"json": {**long, "stream": False, "max_tokens": 60}, "timeout": 120}).start()
+        loads.append(threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
+                                      kwargs={"json": {**long, "stream": False, "max_tokens": 60}, "timeout": 120}))
+        loads[-1].start()
     assert len(set(homes)) == 1 and cached[1] > 0 and cached[2] > cached[1]
-    thread.join(120)
+    for t in [thread, *loads]:  # done before the app is shut down under them
+        t.join(120)
     replicas = set(served) | {busy["replica"]}
     series = parsed(httpx.get(url + "/metrics").text)
     steps = {labels["replica"] for name, labels, value in series
