@@ -1,8 +1,11 @@
 """EngineServer: one whole model instance (its engine, attention and expert workers) as a Ray Serve replica.
 
-`generate` streams a request's outputs. Its first item is the replica's answer to the request: a Accepted with the
-replica's id and stats, or the refusal raised (ValueError for bad input, EngineBusy when the queue is full), so the
-router can answer 400 or 429 before anything streams. Closing the stream (a client that left) aborts the request.
+`generate` takes a request. Its stream's first item is the replica's answer: an Accepted with the replica's id and
+stats, or the refusal raised (ValueError for bad input, EngineBusy when the queue is full), so the router can answer
+400 or 429 before anything streams. The request's outputs then go to its Ingress's channel: `outputs` streams
+each Ingress replica all of its requests' outputs, a batch per step, where a stream per request would carry a Ray
+message per request per token. The request's own stream stays open until the request ends, so Serve counts it
+as ongoing (for autoscaling and routing) and closing it (a client that left) aborts the request.
 `record_routing_stats` tells LeastWorkRouter how much work the replica holds.
 
 With workers, they are Ray actors placed across the cluster (RayExecutor); the replica is ready only once every
@@ -14,9 +17,11 @@ replica.
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 from typing import NamedTuple
 
+from cluster.output_channel import ChannelSink, OutputChannel
 from cluster.ray_executor import RayExecutor, WorkerPools
 from cluster.status_board import publish
 from router.async_engine import AsyncEngine
@@ -47,17 +52,53 @@ class EngineServer:
         build = partial(LLMEngine.from_config, config,
                         executor_cls=partial(RayExecutor, pools=pools, name=f"moe-serve/{self.replica}"))
         self.engine = AsyncEngine(build, rebuild=build)  # built on the engine's thread, which steps it
+        self.channels: dict[str, OutputChannel] = {}  # by Ingress replica
         log.info("engine replica %s ready: %s", self.replica, config.model)
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel: str,
                        session_id: str | None = None, resumed: tuple[ResumedSample, ...] = ()):
-        outputs = await self.engine.submit(prompt_ids, params, request_id, session_id, resumed)
+        """channel: the Ingress replica's, which gets the outputs (`outputs`)."""
+        into = self._channel(channel)
+        sink = ChannelSink(into, request_id)
+        outputs = await self.engine.submit(prompt_ids, params, request_id, session_id, resumed, sink=sink)
+        into.begin()
         try:
             yield Accepted(self.replica, self.engine.stats())
-            async for out in outputs:
-                yield out
+            await sink.ended
         finally:
-            outputs.close()
+            outputs.close(ended=sink.ended.done())
+            into.end()
+
+    async def outputs(self, channel: str, replica: str, linger_s: float = 0.5):
+        """The channel's outputs, a list of (request id, output or error) per step, from this replica (`replica`
+        is its id: LeastWorkRouter sends the call there). The first item is an empty list, once reading. Ends
+        once no request of the channel has been in flight here for linger_s; the Ingress reads again with its
+        next request here."""
+        if replica != self.replica:
+            raise ValueError(f"the outputs of replica {replica} were asked of replica {self.replica}")
+        into = self._channel(channel)
+        into.readers += 1
+        reader = into.attach()
+        try:
+            yield []
+            while (batch := await into.take(reader, linger_s)) is not None:
+                yield batch
+        finally:
+            into.readers -= 1
+            into.idle_since = time.monotonic()
+
+    def _channel(self, channel: str) -> OutputChannel:
+        into = self.channels.get(channel)
+        if into is None:
+            into = self.channels[channel] = OutputChannel()
+        return into
+
+    def _drop_unused_channels(self, after_s: float = 60.0) -> None:
+        """An Ingress that went away leaves its channel; dropped once unused for after_s."""
+        now = time.monotonic()
+        for name, into in list(self.channels.items()):
+            if into.unused and now - into.idle_since > after_s:
+                del self.channels[name]
 
     async def end_session(self, session_id: str) -> None:
         await self.engine.end_session(session_id)
@@ -70,6 +111,7 @@ class EngineServer:
 
     def record_routing_stats(self) -> dict:
         s = self.engine.stats()
+        self._drop_unused_channels()
         publish(self.replica, s)  # for `moe-serve status`
         return {"outstanding_tokens": s.outstanding_tokens, "kv_usage": s.kv_usage, "waiting": s.waiting,
                 "alive": self.engine.alive}

@@ -57,8 +57,11 @@ class ServeOptions:
     def autoscaling(self) -> dict | None:
         if self.max_replicas is None or self.max_replicas == (self.min_replicas or 1):
             return None
+        # each Ingress replica reads its outputs from an engine replica over one stream while it has requests there
+        # (EngineServer.outputs), which Serve counts as one more ongoing request: the target makes room for them
+        target = self.target_ongoing_requests + self.router_replicas
         return {"min_replicas": self.min_replicas or 1, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests, "upscale_delay_s": self.upscale_delay_s,
+                "target_ongoing_requests": target, "upscale_delay_s": self.upscale_delay_s,
                 "downscale_delay_s": self.downscale_delay_s, "look_back_period_s": self.look_back_period_s,
                 "metrics_interval_s": min(10.0, self.look_back_period_s / 4)}
 

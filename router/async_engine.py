@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 from router.engine_stats import EngineStats
 from router.llm_engine import LLMEngine
@@ -84,24 +85,26 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     session_id: str | None = None,
-                     resumed: tuple[ResumedSample, ...] = ()) -> AsyncIterator[RequestOutput]:
+                     session_id: str | None = None, resumed: tuple[ResumedSample, ...] = (),
+                     sink=None) -> OutputStream:
         """Takes a request, or refuses it now (ValueError: bad input; EngineBusy: the queue is full). Returns its
         output stream, which must be consumed or closed: closing it early aborts the request. `resumed`: its
-        samples' tokens from an engine that was lost (LLMEngine.add_request)."""
+        samples' tokens from an engine that was lost (LLMEngine.add_request). `sink`: where its outputs go instead
+        of the stream's own queue (anything with put_nowait, called on this event loop; then the stream is only
+        closed, with `ended=True` once its last output or error went in)."""
         self.engine.validate(prompt_ids, params, resumed)
         if self._stats.waiting >= self.engine.config.max_waiting:
             raise EngineBusy(f"the server is busy ({self._stats.waiting} requests queued); retry shortly")
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        stream: asyncio.Queue = asyncio.Queue()
+        stream = asyncio.Queue() if sink is None else sink
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         if self._failure is not None:  # checked once registered: stopping fails every stream registered by then
             self._streams.pop(request_id, None)
             raise EngineLost(self._failure)
         self._send(("add", request_id, list(prompt_ids), params, session_id, tuple(resumed)))
-        return OutputStream(self, request_id, stream)
+        return OutputStream(stream, partial(self._forget, request_id))
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        session_id: str | None = None,
@@ -140,6 +143,12 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
         self.engine.shutdown()
+
+    def _forget(self, request_id: str, ended: bool) -> None:
+        """A stream closed: its request is aborted unless it ended."""
+        self._streams.pop(request_id, None)
+        if not ended:
+            self.abort(request_id)
 
     def _send(self, message: tuple) -> None:
         self._inbox.put(message)
@@ -281,10 +290,11 @@ def deliver(batch: list[tuple[asyncio.Queue, object]]) -> None:
 class OutputStream:
     """One request's outputs as they come. Leaving before the end (close(), or a cancelled wait) aborts it.
     Outputs that piled up while the reader was busy come as one, their deltas merged (as vLLM's output collector
-    does): a reader that keeps up gets every step's, one that lags is not left further behind by a message each."""
+    does): a reader that keeps up gets every step's, one that lags is not left further behind by a message each.
+    `on_close(ended)` is called once, when the stream closes: ended is True when its last output or error was out."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue):
-        self.engine, self.request_id, self._queue = engine, request_id, queue
+    def __init__(self, queue: asyncio.Queue, on_close: Callable[[bool], None]):
+        self._queue, self._on_close = queue, on_close
         self._open = True
         self._finished = False
         self._error: Exception | None = None  # came behind outputs merged into the last one; raised next
@@ -318,9 +328,9 @@ class OutputStream:
     async def aclose(self) -> None:
         self.close()
 
-    def close(self) -> None:
+    def close(self, ended: bool = False) -> None:
+        """ended: the request's last output or error went elsewhere (a sink): nothing to abort."""
+        self._finished = self._finished or ended
         if self._open:
             self._open = False
-            self.engine._streams.pop(self.request_id, None)
-            if not self._finished:
-                self.engine.abort(self.request_id)
+            self._on_close(self._finished)

@@ -1,7 +1,7 @@
 """LeastWorkRouter: a Ray Serve request router for the engine replicas. Least outstanding work, with session
 affinity.
 
-A request with a session goes to the replica that holds the session's pinned history, while that replica is up;
+A call naming a replica (`replica=`, its unique id) goes there only. A request with a session goes to the replica that holds the session's pinned history, while that replica is up;
 otherwise to the replica with the least work: the tokens it still has to compute (prompts left to prefill plus
 tokens left to generate, as it last reported through `record_routing_stats`), plus what this router has sent it
 since, then its KV usage. The work sent since the report counts until the request completes, so a burst of
@@ -22,6 +22,9 @@ class LeastWorkRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        target = replica_of(pending_request)
+        if target is not None:  # a call for one replica (EngineServer.outputs): there, or nowhere while it is gone
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
         session_id = session_of(pending_request)
         owner = self.session_replica.get(session_id) if session_id else None
         if owner is not None:
@@ -55,6 +58,10 @@ class LeastWorkRouter(RequestRouter):
         for session_id in [s for s, r in self.session_replica.items() if r == replica_id]:
             del self.session_replica[session_id]  # their next turn rebuilds the history elsewhere
         self.sent.pop(replica_id, None)
+
+
+def replica_of(pending: PendingRequest | None) -> str | None:
+    return None if pending is None else pending.kwargs.get("replica")
 
 
 def session_of(pending: PendingRequest | None) -> str | None:

@@ -270,11 +270,11 @@ def test_outputs_that_pile_up_come_merged_and_an_error_after_them():
     eng = AsyncEngine(slow)
     try:
         async def failing():
-            stream = await eng.submit([1, 2], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+            stream = await eng.submit([1, 2], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True), "r")
             got = [await stream.__anext__()]
-            eng._emit(stream.request_id, got[0])  # two outputs and then an error, all waiting
-            eng._emit(stream.request_id, got[0])
-            eng._emit(stream.request_id, Failing("the step failed"))
+            eng._emit("r", got[0])  # two outputs and then an error, all waiting
+            eng._emit("r", got[0])
+            eng._emit("r", Failing("the step failed"))
             await asyncio.sleep(0.05)
             merged = await stream.__anext__()
             with pytest.raises(Failing):

@@ -27,8 +27,11 @@ def test_every_config_validates_and_gpu_configs_fit(path):
     assert options.engine.attention_workers == config.topology.attention_workers
     if config.autoscaling is None:
         assert options.autoscaling is None
-    else:  # Serve's autoscaling config carries the file's bounds and delays
-        assert config.autoscaling.model_dump().items() <= options.autoscaling.items()
+    else:  # Serve's autoscaling config carries the file's bounds and delays, its target with room for each Ingress
+        # replica's output stream (one more ongoing request on an engine replica)
+        want = config.autoscaling.model_dump()
+        want["target_ongoing_requests"] += options.router_replicas
+        assert want.items() <= options.autoscaling.items()
     assert config.uses_gpus == (path.name in GPU_CONFIGS)
     if config.uses_gpus:
         plan = config.check(config.model_shapes())
