@@ -16,6 +16,7 @@ replica.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from functools import partial
@@ -64,16 +65,16 @@ class EngineServer:
         into.begin()
         try:
             yield Accepted(self.replica, self.engine.stats())
-            await sink.ended
-        finally:
-            outputs.close(ended=sink.ended.done())
+            await sink.ended.wait()
+        finally:  # cancelled (the client left, or the Ingress gave up on it): aborted
+            outputs.close(ended=sink.finished)
             into.end()
 
     async def outputs(self, channel: str, replica: str, linger_s: float = 0.5):
-        """The channel's outputs, a list of (request id, output or error) per step, from this replica (`replica`
-        is its id: LeastWorkRouter sends the call there). The first item is an empty list, once reading. Ends
-        once no request of the channel has been in flight here for linger_s; the Ingress reads again with its
-        next request here."""
+        """The channel's outputs, a list of (request id, its n-th item, output or error) per step, from this
+        replica (`replica` is its id: LeastWorkRouter sends the call there). The first item is an empty list, once
+        reading. Ends once no request of the channel has been in flight here for linger_s; the Ingress reads
+        again with its next request here."""
         if replica != self.replica:
             raise ValueError(f"the outputs of replica {replica} were asked of replica {self.replica}")
         into = self._channel(channel)
@@ -109,10 +110,10 @@ class EngineServer:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def record_routing_stats(self) -> dict:
+    async def record_routing_stats(self) -> dict:
         s = self.engine.stats()
-        self._drop_unused_channels()
-        publish(self.replica, s)  # for `moe-serve status`
+        self._drop_unused_channels()  # on the event loop, as generate and outputs use the channels
+        await asyncio.to_thread(publish, self.replica, s)  # for `moe-serve status` (it may look the board up)
         return {"outstanding_tokens": s.outstanding_tokens, "kv_usage": s.kv_usage, "waiting": s.waiting,
                 "alive": self.engine.alive}
 

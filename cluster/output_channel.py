@@ -13,15 +13,16 @@ import time
 
 class OutputChannel:
     def __init__(self):
-        self.batch: list[tuple[str, object]] = []  # (request id, RequestOutput or the exception that ended it)
+        self.batch: list[tuple[str, int, object]] = []  # (request id, its n-th item, RequestOutput or the
+        # exception that ended it)
         self.requests = 0  # its requests in flight on this replica
         self.readers = 0
         self.reader = 0  # the one that takes: the latest to attach
         self.idle_since = time.monotonic()  # when it was made, or its last request or reader left
         self._ready = asyncio.Event()
 
-    def put(self, request_id: str, item) -> None:
-        self.batch.append((request_id, item))
+    def put(self, request_id: str, seq: int, item) -> None:
+        self.batch.append((request_id, seq, item))
         self._ready.set()
 
     def begin(self) -> None:
@@ -41,7 +42,7 @@ class OutputChannel:
         self._ready.set()
         return self.reader
 
-    async def take(self, reader: int, linger_s: float) -> list[tuple[str, object]] | None:
+    async def take(self, reader: int, linger_s: float) -> list[tuple[str, int, object]] | None:
         """What came since the last take, once something has; None once no request has been in flight for linger_s
         and nothing is left: the reader then goes, as an open stream counts as an ongoing request on the replica
         (for autoscaling, and to drain it). None at once for a reader that another came after."""
@@ -59,18 +60,23 @@ class OutputChannel:
 
     @property
     def unused(self) -> bool:
-        return self.requests == 0 and self.readers == 0 and not self.batch
+        """No request in flight and no reader: what is left in it has no one to go to once the Ingress is gone."""
+        return self.requests == 0 and self.readers == 0
 
 
 class ChannelSink:
-    """One request's way into a channel (AsyncEngine.submit's sink); `ended` is done once its last output or the
-    error that ended it went in."""
+    """One request's way into a channel (AsyncEngine.submit's sink). `finished` once its last output or the error
+    that ended it went in; `ended` is then set (waiting on it may be cancelled: that is no end)."""
 
     def __init__(self, channel: OutputChannel, request_id: str):
         self.channel, self.request_id = channel, request_id
-        self.ended = asyncio.get_running_loop().create_future()
+        self.finished = False
+        self.ended = asyncio.Event()
+        self.sent = 0
 
     def put_nowait(self, item) -> None:
-        self.channel.put(self.request_id, item)
-        if (isinstance(item, Exception) or item.finished) and not self.ended.done():
-            self.ended.set_result(None)
+        self.channel.put(self.request_id, self.sent, item)
+        self.sent += 1
+        if isinstance(item, Exception) or item.finished:
+            self.finished = True
+            self.ended.set()

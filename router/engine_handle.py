@@ -14,13 +14,14 @@ or fails: the replica's death reaches each of its requests as EngineLost, after 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import uuid
 
 from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCrashedError
 from ray.serve.exceptions import ReplicaUnavailableError
 
-from router.async_engine import EngineError, EngineLost, OutputStream
+from router.async_engine import EngineLost, OutputStream
 from router.engine_stats import EngineStats
 from router.request_output import RequestOutput
 from router.resumed_sample import ResumedSample
@@ -31,79 +32,89 @@ log = logging.getLogger(__name__)
 
 
 class EngineHandle:
-    def __init__(self, handle, tokenizer, model_config, max_model_len: int, attach_timeout_s: float = 30.0):
+    def __init__(self, handle, tokenizer, model_config, max_model_len: int, lost_after_s: float = 30.0):
         """handle: a DeploymentHandle to EngineServer."""
         self.handle = handle
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.max_model_len = max_model_len
-        self.attach_timeout_s = attach_timeout_s  # to start reading a replica's channel
+        self.lost_after_s = lost_after_s  # a request ended there whose last outputs did not come: it moves on
         self.replica_stats: dict[str, EngineStats] = {}
         self.channel = uuid.uuid4().hex  # this Ingress's, on every replica
-        self.inboxes: dict[str, tuple[str, asyncio.Queue]] = {}  # request id -> (replica, its outputs)
+        self.inboxes: dict[str, Inbox] = {}  # by the engine's request id
         self.readers: dict[str, asyncio.Task] = {}  # replica -> the task reading its channel
+        self.attached: set[str] = set()  # replicas whose channel a reader reads now
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                      session_id: str | None = None,
                      resumed: tuple[ResumedSample, ...] = ()) -> RemoteStream:
-        request_id = request_id or uuid.uuid4().hex
-        if request_id in self.inboxes:
-            raise ValueError(f"request id {request_id!r} is already in flight")
-        inbox: asyncio.Queue = asyncio.Queue()
-        self.inboxes[request_id] = ("", inbox)  # before the call: its first outputs may come before its Accepted
-        stream = self.handle.options(stream=True).generate.remote(prompt_ids=prompt_ids, params=params,
-                                                                  request_id=request_id, channel=self.channel,
-                                                                  session_id=session_id, resumed=resumed)
+        # the engine's id is this try's own: outputs of an earlier request under the same id (a client's, over
+        # gRPC) that are still on their way cannot reach this one
+        engine_id = f"{request_id or 'req'}~{uuid.uuid4().hex[:12]}"
+        inbox = self.inboxes[engine_id] = Inbox()  # before the call: outputs may come before the Accepted
+        stream = None
         try:
+            stream = self.handle.options(stream=True).generate.remote(
+                prompt_ids=prompt_ids, params=params, request_id=engine_id, channel=self.channel,
+                session_id=session_id, resumed=resumed)
             accepted = await stream.__anext__()
         except BaseException as e:
-            stream.cancel()
-            self.inboxes.pop(request_id, None)
+            if stream is not None:
+                stream.cancel()
+            self.inboxes.pop(engine_id, None)
             if isinstance(e, (RayTaskError, *REPLICA_LOST)):
                 raise replica_error(e) from None
             raise
         self.replica_stats[accepted.replica] = accepted.stats
-        self.inboxes[request_id] = (accepted.replica, inbox)
+        inbox.replica = accepted.replica
         self._read(accepted.replica)
-        return RemoteStream(self, request_id, inbox, stream, accepted.replica)
+        return RemoteStream(self, engine_id, inbox, stream)
 
     def _read(self, replica: str) -> None:
-        """Reads the replica's channel, unless a task does already."""
+        """Reads the replica's channel, unless a task does already. The task is nobody's request's: Serve cancels a
+        request's calls with it when its client leaves, and this one serves every request there."""
         if replica not in self.readers:
-            self.readers[replica] = asyncio.create_task(self._read_channel(replica))
+            self.readers[replica] = asyncio.create_task(self._read_channel(replica), context=contextvars.Context())
+
+    def _waiting_on(self, replica: str) -> list[Inbox]:
+        return [inbox for inbox in self.inboxes.values() if inbox.replica == replica]
 
     async def _read_channel(self, replica: str) -> None:
         stream = self.handle.options(stream=True).outputs.remote(channel=self.channel, replica=replica)
         failure: Exception | None = None
         try:
-            await asyncio.wait_for(stream.__anext__(), self.attach_timeout_s)  # [] once attached
+            attach = asyncio.ensure_future(stream.__anext__())  # [] once attached; it may wait for a free slot
+            while not (await asyncio.wait({attach}, timeout=1.0))[0]:
+                if not self._waiting_on(replica):  # the replica is gone (its requests know) or nothing waits
+                    attach.cancel()
+                    stream.cancel()
+                    return
+            attach.result()
+            self.attached.add(replica)
             async for batch in stream:
-                for request_id, item in batch:
-                    target = self.inboxes.get(request_id)
-                    if target is not None:
-                        target[1].put_nowait(item)
-                        if isinstance(item, Exception) or item.finished:  # its last: nothing more to wait for here
-                            del self.inboxes[request_id]
+                for request_id, seq, item in batch:
+                    inbox = self.inboxes.get(request_id)
+                    if inbox is not None:
+                        inbox.put(request_id, seq, item, self.inboxes)
         except (RayTaskError, *REPLICA_LOST) as e:
             failure = replica_error(e)
-        except asyncio.TimeoutError:
-            failure = EngineLost(f"the outputs of engine replica {replica} could not be read: it did not answer "
-                                 f"in {self.attach_timeout_s:g} s")
         except asyncio.CancelledError:
-            stream.cancel()
-            raise
+            if asyncio.current_task().cancelling():  # this Ingress is stopping
+                stream.cancel()
+                raise
+            failure = EngineLost(f"reading the outputs of engine replica {replica} was cancelled")
         except Exception as e:  # noqa: BLE001 - given to its requests
             log.exception("reading the outputs of engine replica %s failed", replica)
-            failure = EngineError(f"reading the outputs of engine replica {replica} failed: {e}")
+            failure = EngineLost(f"reading the outputs of engine replica {replica} failed: {e}")
         finally:
+            self.attached.discard(replica)
             if self.readers.get(replica) is asyncio.current_task():
                 del self.readers[replica]
-        waiting = [inbox for home, inbox in self.inboxes.values() if home == replica]
         if failure is not None:
             stream.cancel()
-            for inbox in waiting:
-                inbox.put_nowait(failure if isinstance(failure, EngineLost) else EngineLost(str(failure)))
-        elif waiting:  # it ended (no request in flight there) as a request there began: read again
+            for inbox in self._waiting_on(replica):
+                inbox.queue.put_nowait(failure)
+        elif self._waiting_on(replica):  # it ended (no request in flight there) as a request there began: again
             self._read(replica)
 
     def stats(self) -> EngineStats:
@@ -124,32 +135,55 @@ class EngineHandle:
         await self.handle.end_session.remote(session_id=session_id)
 
 
+class Inbox:
+    """A request's outputs as its replica's channel hands them in, each numbered: one missing (its batch went
+    with a reader that failed) ends the stream with EngineLost, and the request moves on from what came."""
+
+    def __init__(self):
+        self.replica = ""  # known once it is accepted
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.next = 0
+
+    def put(self, request_id: str, seq: int, item, inboxes: dict) -> None:
+        if seq != self.next:
+            item = EngineLost(f"outputs {self.next}..{seq - 1} of this request on engine replica {self.replica} "
+                              "were lost")
+        self.next = seq + 1
+        self.queue.put_nowait(item)
+        if isinstance(item, Exception) or item.finished:  # its last: nothing more to wait for here
+            del inboxes[request_id]
+
+
 class RemoteStream(OutputStream):
     """A request's outputs from its replica's channel. Its own Ray stream is watched for the replica's death (then
     EngineLost follows the outputs that came before it); closing before the end cancels that stream, which aborts
     the request on the replica."""
 
-    def __init__(self, engine: EngineHandle, request_id: str, inbox: asyncio.Queue, stream, replica: str):
-        super().__init__(inbox, self._closed)
-        self.engine, self.request_id, self.stream, self.replica = engine, request_id, stream, replica
-        self.watch = asyncio.create_task(self._watch(inbox))
+    def __init__(self, engine: EngineHandle, request_id: str, inbox: Inbox, stream):
+        super().__init__(inbox.queue, self._closed)
+        self.engine, self.request_id, self.inbox, self.stream = engine, request_id, inbox, stream
+        self.replica = inbox.replica
+        self.watch = asyncio.create_task(self._watch())
 
-    async def _watch(self, inbox: asyncio.Queue) -> None:
+    async def _watch(self) -> None:
         try:
             async for _ in self.stream:  # nothing more comes: it ends with the request
                 pass
         except (RayTaskError, *REPLICA_LOST) as e:
-            inbox.put_nowait(replica_error(e))
+            self.inbox.queue.put_nowait(replica_error(e))
             return
-        # ended: its last output went into the channel before; should it never come, the request moves on
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.engine.attach_timeout_s
-        while self.engine.inboxes.get(self.request_id, (None, None))[1] is inbox:  # not yet
-            if loop.time() > deadline:
-                inbox.put_nowait(EngineLost(f"the last outputs of this request on engine replica {self.replica} "
-                                            f"did not come in {self.engine.attach_timeout_s:g} s"))
+        except Exception:  # noqa: BLE001 - cancelled from here (the request was left or moved)
+            return
+        # ended: its last output went into the channel before; should it not come while the channel is read, the
+        # request moves on
+        waited = 0.0
+        while self.engine.inboxes.get(self.request_id) is self.inbox:  # not yet
+            if waited > self.engine.lost_after_s:
+                self.inbox.queue.put_nowait(EngineLost(f"the last outputs of this request on engine replica "
+                                                       f"{self.replica} did not come in {waited:.0f} s"))
                 return
             await asyncio.sleep(0.05)
+            waited = waited + 0.05 if self.replica in self.engine.attached else 0.0
 
     async def __anext__(self) -> RequestOutput:
         try:

@@ -2,6 +2,7 @@
 goes once no request has been in flight for the linger time, and not before."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -31,15 +32,15 @@ def test_outputs_come_in_order_a_batch_per_take_and_the_reader_waits_while_a_req
         a.put_nowait(output("a", 3, finished=True))
         b.put_nowait(ValueError("the step failed"))
         second = await later
-        assert a.ended.done() and b.ended.done()
+        assert a.finished and b.finished and a.ended.is_set()
         channel.end()
         channel.end()
         return first, second, await channel.take(reader, linger_s=0.01), channel.unused
 
     first, second, last, unused = asyncio.run(run())
-    assert [(rid, o.outputs[0].token_ids) for rid, o in first] == [("a", [1]), ("b", [2])]
-    assert [rid for rid, _ in second] == ["a", "b"] and second[0][1].finished
-    assert isinstance(second[1][1], ValueError)
+    assert [(rid, seq, o.outputs[0].token_ids) for rid, seq, o in first] == [("a", 0, [1]), ("b", 0, [2])]
+    assert [(rid, seq) for rid, seq, _ in second] == [("a", 1), ("b", 1)] and second[0][2].finished
+    assert isinstance(second[1][2], ValueError)
     assert last is None and unused  # nothing in flight for the linger time: the reader goes
 
 
@@ -70,7 +71,7 @@ def test_a_reader_that_another_came_after_takes_nothing_more():
         return gone, await channel.take(old, linger_s=0.01), await channel.take(new, linger_s=0.01)
 
     gone, old_got, new_got = asyncio.run(run())
-    assert gone is None and old_got is None and [rid for rid, _ in new_got] == ["r"]
+    assert gone is None and old_got is None and [rid for rid, _, _ in new_got] == ["r"]
 
 
 def test_a_sink_ends_once():
@@ -78,13 +79,13 @@ def test_a_sink_ends_once():
         channel = OutputChannel()
         sink = ChannelSink(channel, "r")
         sink.put_nowait(output("r", 1))
-        assert not sink.ended.done()
+        assert not sink.finished and not sink.ended.is_set()
         sink.put_nowait(output("r", 2, finished=True))
-        sink.put_nowait(RuntimeError("late"))  # after the end: kept in order, the end stays the first
-        return sink.ended.result(), channel.batch
+        sink.put_nowait(RuntimeError("late"))  # after the end: kept in order
+        return sink.finished, channel.batch
 
-    result, batch = asyncio.run(run())
-    assert result is None and len(batch) == 3
+    finished, batch = asyncio.run(run())
+    assert finished and len(batch) == 3
 
 
 @pytest.mark.parametrize("target,chosen", [("r2", ["r2"]), ("gone", [])])
@@ -99,3 +100,53 @@ def test_least_work_router_sends_a_call_naming_a_replica_there_only(target, chos
     pending = SimpleNamespace(kwargs={"replica": target})
     got = asyncio.run(router.choose_replicas(replicas, pending))
     assert [[r.replica_id.unique_id for r in group] for group in got] == [chosen]
+
+
+def serving(core):
+    """An EngineServer over the fake engine, without Serve around it."""
+    from cluster.engine_server import EngineServer
+    from router.async_engine import AsyncEngine
+
+    server = EngineServer.__new__(EngineServer)
+    server.replica, server.engine, server.channels = "r1", AsyncEngine(core), {}
+    return server
+
+
+def test_a_request_whose_stream_is_cancelled_is_aborted_and_a_finished_one_goes_through_its_channel():
+    from tests.fake_runner import fake_engine
+    from workers.sampling_params import SamplingParams
+
+    core = fake_engine()
+    execute = core.executor.execute
+    core.executor.execute = lambda plans: time.sleep(0.01) or execute(plans)  # the long one would take seconds
+    server = serving(core)
+    long = SamplingParams(max_tokens=core.max_model_len - 3, temperature=0, ignore_eos=True)
+
+    async def run():
+        gen = server.generate([1, 2, 3], long, "left", channel="c")
+        accepted = await gen.__anext__()
+        rest = asyncio.ensure_future(gen.__anext__())  # waits for the request's end
+        await asyncio.sleep(0.05)
+        assert core.has_unfinished()
+        rest.cancel()  # what Serve does when the Ingress cancels the stream: the client left
+        with pytest.raises(asyncio.CancelledError):
+            await rest
+        for _ in range(30):  # a few steps, not the rest of its tokens
+            if not core.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+        aborted = not core.has_unfinished()
+        short = server.generate([1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), "done",
+                                channel="c")
+        await short.__anext__()
+        with pytest.raises(StopAsyncIteration):  # ends with the request
+            await asyncio.wait_for(short.__anext__(), 5)
+        return accepted, aborted, [(rid, seq) for rid, seq, _ in server.channels["c"].batch if rid == "done"]
+
+    try:
+        accepted, aborted, items = asyncio.run(run())
+    finally:
+        server.engine.shutdown()
+    assert accepted.replica == "r1" and aborted
+    assert items and [seq for _, seq in items] == list(range(len(items)))
+    assert server.channels["c"].requests == 0
