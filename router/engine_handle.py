@@ -97,7 +97,9 @@ class EngineHandle:
                     if inbox is not None:
                         inbox.put(request_id, seq, item, self.inboxes)
         except (RayTaskError, *REPLICA_LOST) as e:
-            failure = replica_error(e)
+            cause = replica_error(e)  # its death, or what outputs() raised: either way the requests move on
+            failure = cause if isinstance(cause, EngineLost) else EngineLost(f"reading the outputs of engine "
+                                                                             f"replica {replica} failed: {cause}")
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():  # this Ingress is stopping
                 stream.cancel()
