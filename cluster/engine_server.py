@@ -67,7 +67,7 @@ class EngineServer:
             yield Accepted(self.replica, self.engine.stats())
             await sink.ended.wait()
         finally:  # cancelled (the client left, or the Ingress gave up on it): aborted
-            outputs.close(ended=sink.finished)
+            outputs.close(ended=sink.ended.is_set())
             into.end()
 
     async def outputs(self, channel: str, replica: str, linger_s: float = 0.5):

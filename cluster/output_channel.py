@@ -65,12 +65,11 @@ class OutputChannel:
 
 
 class ChannelSink:
-    """One request's way into a channel (AsyncEngine.submit's sink). `finished` once its last output or the error
-    that ended it went in; `ended` is then set (waiting on it may be cancelled: that is no end)."""
+    """One request's way into a channel (AsyncEngine.submit's sink); `ended` is set once its last output or the
+    error that ended it went in (a wait on it that is cancelled leaves it unset: that is no end)."""
 
     def __init__(self, channel: OutputChannel, request_id: str):
         self.channel, self.request_id = channel, request_id
-        self.finished = False
         self.ended = asyncio.Event()
         self.sent = 0
 
@@ -78,5 +77,4 @@ class ChannelSink:
         self.channel.put(self.request_id, self.sent, item)
         self.sent += 1
         if isinstance(item, Exception) or item.finished:
-            self.finished = True
             self.ended.set()

@@ -94,8 +94,8 @@ class EngineHandle:
             async for batch in stream:
                 for request_id, seq, item in batch:
                     inbox = self.inboxes.get(request_id)
-                    if inbox is not None:
-                        inbox.put(request_id, seq, item, self.inboxes)
+                    if inbox is not None and inbox.put(seq, item):  # its last: nothing more to wait for here
+                        del self.inboxes[request_id]
         except (RayTaskError, *REPLICA_LOST) as e:
             cause = replica_error(e)  # its death, or what outputs() raised: either way the requests move on
             failure = cause if isinstance(cause, EngineLost) else EngineLost(f"reading the outputs of engine "
@@ -146,14 +146,14 @@ class Inbox:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.next = 0
 
-    def put(self, request_id: str, seq: int, item, inboxes: dict) -> None:
+    def put(self, seq: int, item) -> bool:
+        """Whether that was its last."""
         if seq != self.next:
             item = EngineLost(f"outputs {self.next}..{seq - 1} of this request on engine replica {self.replica} "
                               "were lost")
         self.next = seq + 1
         self.queue.put_nowait(item)
-        if isinstance(item, Exception) or item.finished:  # its last: nothing more to wait for here
-            del inboxes[request_id]
+        return isinstance(item, Exception) or item.finished
 
 
 class RemoteStream(OutputStream):
