@@ -78,15 +78,13 @@ class EngineServer:
         if replica != self.replica:
             raise ValueError(f"the outputs of replica {replica} were asked of replica {self.replica}")
         into = self._channel(channel)
-        into.readers += 1
         reader = into.attach()
         try:
             yield []
             while (batch := await into.take(reader, linger_s)) is not None:
                 yield batch
         finally:
-            into.readers -= 1
-            into.idle_since = time.monotonic()
+            into.detach()
 
     def _channel(self, channel: str) -> OutputChannel:
         into = self.channels.get(channel)

@@ -16,7 +16,7 @@ class OutputChannel:
         self.batch: list[tuple[str, int, object]] = []  # (request id, its n-th item, RequestOutput or the
         # exception that ended it)
         self.requests = 0  # its requests in flight on this replica
-        self.readers = 0
+        self.readers = 0  # attached and not yet gone
         self.reader = 0  # the one that takes: the latest to attach
         self.idle_since = time.monotonic()  # when it was made, or its last request or reader left
         self._ready = asyncio.Event()
@@ -38,9 +38,15 @@ class OutputChannel:
     def attach(self) -> int:
         """A reader comes; it takes from now on, and one before it takes nothing more (the Ingress gave up on it:
         what it took then would be lost)."""
+        self.readers += 1
         self.reader += 1
         self._ready.set()
         return self.reader
+
+    def detach(self) -> None:
+        """A reader went."""
+        self.readers -= 1
+        self.idle_since = time.monotonic()
 
     async def take(self, reader: int, linger_s: float) -> list[tuple[str, int, object]] | None:
         """What came since the last take, once something has; None once no request has been in flight for linger_s

@@ -35,7 +35,10 @@ def test_outputs_come_in_order_a_batch_per_take_and_the_reader_waits_while_a_req
         assert a.ended.is_set() and b.ended.is_set()
         channel.end()
         channel.end()
-        return first, second, await channel.take(reader, linger_s=0.01), channel.unused
+        last = await channel.take(reader, linger_s=0.01)
+        held = not channel.unused  # a reader attached holds it
+        channel.detach()  # as EngineServer.outputs does once its take gave None
+        return first, second, last, held and channel.unused
 
     first, second, last, unused = asyncio.run(run())
     assert [(rid, seq, o.outputs[0].token_ids) for rid, seq, o in first] == [("a", 0, [1]), ("b", 0, [2])]
