@@ -1,4 +1,12 @@
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU under Triton's interpreter. Read when triton.language is first imported (its own
+    # helpers are kernels too), so before anything imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from cluster.tiny_checkpoint import SHAPES, make_checkpoint
 

@@ -22,6 +22,7 @@ from workers.kv_cache import KVCache
 from workers.llama_attention import LlamaAttention
 from workers.local_dispatcher import LocalDispatcher
 from workers.mla_attention import MLAAttention
+from workers.mla_decode import MLADecode, torch_mla_decode
 from workers.mlp import MLP
 from workers.moe import MoE
 from workers.rms_norm import RMSNorm
@@ -71,7 +72,8 @@ class Backbone(nn.Module):
 
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig, expert_ids: Sequence[int] | None = None,
-                 dispatcher: Dispatcher | None = None, grouped_mm: GroupedMM = looped_grouped_mm):
+                 dispatcher: Dispatcher | None = None, grouped_mm: GroupedMM = looped_grouped_mm,
+                 mla_decode: MLADecode = torch_mla_decode):
         """expert_ids: the routed experts this process holds (all by default, none for an attention-only side)."""
         super().__init__()
         self.config = config
@@ -82,7 +84,7 @@ class CausalLM(nn.Module):
         layers = []
         for i in range(config.num_hidden_layers):
             if config.is_mla:
-                attn = MLAAttention(config, self.rotary)
+                attn = MLAAttention(config, self.rotary, mla_decode)
             else:
                 attn = LlamaAttention(config, self.rotary)
             if config.is_moe_layer(i):

@@ -15,13 +15,14 @@ from torch import nn
 
 from workers.attention_metadata import AttentionMetadata, store
 from workers.config import ModelConfig
+from workers.mla_decode import MLADecode, torch_mla_decode
 from workers.rms_norm import RMSNorm
 from workers.rotary_embedding import RotaryEmbedding, softmax_scale
 from workers.tiled_attention import tiled_attention
 
 
 class MLAAttention(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, mla_decode: MLADecode = torch_mla_decode):
         super().__init__()
         D, H = config.hidden_size, config.num_attention_heads
         self.num_heads = H
@@ -42,6 +43,7 @@ class MLAAttention(nn.Module):
         self.rotary = rotary
         self.scale = softmax_scale(qk_dim, config.rope)
         self.absorb_decode = True
+        self.mla_decode = mla_decode
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -94,15 +96,10 @@ class MLAAttention(nn.Module):
         w_uv.data.copy_(rows[:, self.nope_dim :])
 
     def _decode_absorbed(self, q_nope, q_pe, cache, meta: AttentionMetadata) -> torch.Tensor:
-        """Scores against the cached entries [c_kv | k_pe] in one bmm (the query absorbed into the latent, then
-        [q_latent | q_pe]); the latents are also the values, so k_pe's columns are dropped after the second."""
-        L = self.latent_dim
+        """The query absorbed into the latent ([q_latent | q_pe] scores the cached [c_kv | k_pe] directly), the
+        attention over the latents, then W_UV."""
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, L]
         q = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, L+R]
-        entries, valid = meta.decode_context(cache)  # [B, S, L+R], [B, S]
-        scores = torch.bmm(q, entries.transpose(1, 2))  # [B, H, S]
-        scores = (scores.float() * self.scale).masked_fill(~valid[:, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(entries.dtype)  # [B, H, S]
-        o_latent = torch.bmm(probs, entries)[..., :L]  # [B, H, L]
+        o_latent = self.mla_decode(q, cache, meta, self.scale, self.latent_dim)  # [B, H, L]
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]

@@ -25,6 +25,7 @@ from workers.grouped_mm import select_grouped_mm
 from workers.kv_cache import KVCache, bytes_per_token
 from workers.loader import build_model
 from workers.local_dispatcher import LocalDispatcher
+from workers.mla_decode import select_mla_decode
 from workers.sampler import SampleResult, SampleRow, Sampler
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,9 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, dispatcher: Di
     dtype = resolve_dtype(config.dtype, device)
     checkpoint = None if config.random_weights else Checkpoint(Path(config.model))
     model = build_model(CausalLM, model_config, device, dtype, checkpoint, seed=config.seed, expert_ids=expert_ids,
-                        dispatcher=dispatcher, grouped_mm=select_grouped_mm(device, dtype))
+                        dispatcher=dispatcher, grouped_mm=select_grouped_mm(device, dtype),
+                        mla_decode=select_mla_decode(device, dtype, model_config.kv_lora_rank,
+                                                     model_config.qk_rope_head_dim))
     max_len = config.model_len(model_config.max_position_embeddings)
     if device.type == "cuda":
         budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)

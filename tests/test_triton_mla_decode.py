@@ -1,0 +1,82 @@
+"""The Triton MLA decode kernel against the gather-and-bmm form: on CUDA when there is one (benchmarks/gpu_check.py
+runs this file there), else on CPU under Triton's interpreter (float32 and float16; it misreads bfloat16)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+import workers.triton_mla_decode as kernel  # under the interpreter on CPU: see conftest
+from tests.harness import engine, hf_logits, hf_model, prefill_logits, random_prompts
+from workers.attention_metadata import AttentionMetadata
+from workers.mla_decode import paged_mla_decode, select_mla_decode, torch_mla_decode
+
+ON_GPU = torch.cuda.is_available()
+
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32, torch.float16]
+
+
+def decode_case(lens, heads, latent, rope, page, dtype, seed=0):
+    """Random queries and a cache whose sequences own shuffled, scattered blocks."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-n // page) for n in lens)
+    num_blocks = sum(-(-n // page) for n in lens) + 3
+    cache = torch.randn(num_blocks, page, latent + rope, generator=g)  # [N, page, L+R]
+    q = torch.randn(len(lens), heads, latent + rope, generator=g)  # [B, H, L+R]
+    free = torch.randperm(num_blocks, generator=g).tolist()
+    tables = []
+    for n in lens:
+        own = [free.pop() for _ in range(-(-n // page))]
+        tables.append(own + [0] * (width - len(own)))
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(len(lens), dtype=torch.long, device=DEVICE),
+        block_tables=torch.tensor(tables, device=DEVICE),
+        context_lens=torch.tensor(lens, device=DEVICE),
+        query_lens=(1,) * len(lens), context_lens_list=tuple(lens), block_size=page, num_decodes=len(lens))
+    return q.to(DEVICE, dtype), cache.to(DEVICE, dtype), meta
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("programs", [None, 400])  # the device's own split count; many splits, most of them empty
+def test_kernel_matches_bmm_form(dtype, programs, monkeypatch):
+    if programs:
+        monkeypatch.setattr(kernel, "_num_programs", lambda device: programs)
+    lens = (1, 37, 130)  # one entry; a partial last page; several tiles
+    q, cache, meta = decode_case(lens, heads=20, latent=64, rope=16, page=16, dtype=dtype)  # 20: a partial head group
+    splits = kernel.num_splits(len(lens), 20, DEVICE)
+    assert splits == (min(kernel.MAX_SPLITS, -(-programs // 6)) if programs else splits)
+    got = paged_mla_decode(q, cache, meta, 0.1, 64)
+    want = torch_mla_decode(q.float(), cache.float(), meta, 0.1, 64)
+    assert got.shape == (3, 20, 64) and got.dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_split_count_depends_on_batch_only():
+    """The launch grid must not follow the context (CUDA graphs replay one grid): many splits for one sequence,
+    one split once the batch fills the device."""
+    one, full = kernel.num_splits(1, 16, DEVICE), kernel.num_splits(4096, 16, DEVICE)
+    assert full == 1 and one >= 1
+    assert kernel.num_splits(1, 128, DEVICE) <= one  # more head groups, fewer splits
+
+
+def test_selected_on_cuda_only():
+    chosen = select_mla_decode(DEVICE, DTYPES[-1], 64, 16)
+    assert chosen is (paged_mla_decode if ON_GPU else torch_mla_decode)
+    assert select_mla_decode(DEVICE, DTYPES[-1], 48, 16) is torch_mla_decode  # tl.arange needs powers of two
+
+
+def test_model_decode_through_kernel_matches_transformers(checkpoint_dir):
+    """The tiny DeepSeek-V2's decode step through the kernel gives transformers' logits."""
+    d = checkpoint_dir("v2_236b")
+    eng = engine(d)
+    for layer in eng.executor.runner.model.model.layers:
+        layer.self_attn.mla_decode = paged_mla_decode
+    prompts = random_prompts([9, 70, 3], seed=5)
+    _, chunks = prefill_logits(eng, prompts)
+    decode = [c._replace(token_ids=[11 + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
+    got = eng.executor.runner.forward_logits(decode)  # [3, V]
+    ref = hf_model(d)
+    for i, p in enumerate(prompts):
+        want = hf_logits(ref, p + [11 + i])[-1]
+        assert (got[i] - want).abs().max().item() <= 1e-4 * want.abs().max().item(), f"prompt of {len(p)} tokens"
