@@ -2,13 +2,16 @@
 
     python benchmarks/gpu_check.py [--out DIR]
 
-1. The model-vs-transformers tests on CUDA (float32, tiny checkpoints).
+1. Tests on CUDA: the model against transformers (float32, tiny checkpoints), the Triton MLA decode kernel against
+   the bmm form (float32 and bfloat16), the padded decode-graph step against the plain one.
 2. The all-to-all dispatcher on an NCCL group of world size 1 (tiny DeepSeek-V2, float32): the same code path the
    multi-process workers use must give the colocated model's greedy tokens (tests/dispatch_check.py).
-3. Batch-1 decode of a DeepSeek-Coder-V2-Lite-shaped model (--random-weights, bfloat16): ours, then transformers
-   in a separate process, same prompt length and output length.
-4. Colocated single-GPU throughput on the same model: decode tokens/s at --throughput-batches.
-Prints tables and writes gpu_check.json to --out.
+3. The device-to-device copy bandwidth, for the roofline (benchmarks/roofline.py).
+4. Decode tokens/s of a DeepSeek-Coder-V2-Lite-shaped model (random bf16 weights) at each --cases batch and
+   context: ours (CUDA graphs, the paged MLA kernel, torch._grouped_mm; first, a captured step's logits against
+   the eager step's), ours without graphs (--eager-cases), and transformers (--hf-cases), each in its own process;
+   beside each, the roofline and the fraction of it reached.
+Prints the table and writes gpu_check.json to --out.
 """
 
 from __future__ import annotations
@@ -24,29 +27,28 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LITE = ROOT / "benchmarks" / "shapes" / "deepseek-coder-v2-lite"
 sys.path.insert(0, str(ROOT))
+from benchmarks.roofline import roofline_tok_s
+
+TESTS = ["tests/test_model_vs_transformers.py", "tests/test_triton_mla_decode.py", "tests/test_decode_graphs.py"]
 
 
-def part_ours(prompt_len: int, new_tokens: int, batch: int) -> dict:
+def parse_cases(text: str) -> list[tuple[int, int]]:
+    """"1x1024,64x4096" -> [(batch, context), ...]."""
+    return [tuple(int(v) for v in case.split("x")) for case in text.split(",") if case]
+
+
+def decode_rate(eng, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+    """Prefill `batch` random prompts, then time the decode steps until every request has new_tokens."""
     import torch
 
-    from router.engine_config import EngineConfig
-    from router.llm_engine import LLMEngine
-    from workers.grouped_mm import torch_grouped_mm
     from workers.sampling_params import SamplingParams
 
-    t0 = time.perf_counter()
-    eng = LLMEngine.from_config(EngineConfig(model=str(LITE), dtype="bfloat16", device="cuda", random_weights=True,
-                                             max_num_seqs=max(batch, 1), max_model_len=8192,
-                                             enable_prefix_caching=False))  # the warm-up's prompts are the same
-    load_s = time.perf_counter() - t0
-    experts = eng.executor.runner.model.model.layers[1].mlp.experts
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 100000, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    g = torch.Generator().manual_seed(seed)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    eng.generate(prompts, [SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)] * batch)  # warm-up
+    vocab = eng.executor.runner.model.config.vocab_size
+    for _ in range(batch):
+        eng.add_request(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
     torch.cuda.synchronize()
-    for p in prompts:
-        eng.add_request(p, params)
     t0 = time.perf_counter()
     started: set[str] = set()
     out_tokens = 0
@@ -56,20 +58,66 @@ def part_ours(prompt_len: int, new_tokens: int, batch: int) -> dict:
             out_tokens += sum(len(c.token_ids) for c in o.outputs)
     torch.cuda.synchronize()
     t1 = time.perf_counter()
-    decode_from = out_tokens
-    steps = 0
+    decode_from, steps = out_tokens, 0
     while eng.has_unfinished():
         out_tokens += sum(len(c.token_ids) for o in eng.step() for c in o.outputs)
         steps += 1
     torch.cuda.synchronize()
     t2 = time.perf_counter()
-    return {"impl": "ours", "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "load_s": load_s,
-            "prefill_s": t1 - t0, "decode_steps": steps, "decode_s": t2 - t1,
-            "decode_tok_s": (out_tokens - decode_from) / (t2 - t1), "grouped_mm": experts.grouped_mm is torch_grouped_mm,
-            "kv_blocks": eng.executor.runner.kv_cache.num_blocks, "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {"batch": batch, "context": prompt_len, "new_tokens": new_tokens, "prefill_s": t1 - t0,
+            "decode_steps": steps, "decode_s": t2 - t1, "decode_tok_s": (out_tokens - decode_from) / (t2 - t1)}
 
 
-def part_hf(prompt_len: int, new_tokens: int, batch: int) -> dict:
+def graphs_agree(eng) -> dict:
+    """One decode step of 5 sequences through the captured graph (padded to 8) and eagerly: logits' difference."""
+    from tests.harness import prefill_logits, random_prompts
+
+    runner = eng.executor.runner
+    prompts = random_prompts([17, 300, 5, 64, 1000], seed=9, vocab=100000)
+    _, chunks = prefill_logits(eng, prompts)
+    decode = [c._replace(token_ids=[7 + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
+    graphed = runner.forward_logits(decode).clone()  # [5, V]
+    graphs, runner.graphs = runner.graphs, None
+    eager = runner.forward_logits(decode)
+    runner.graphs = graphs
+    return {"max_abs_diff": (graphed - eager).abs().max().item(), "max_abs_logit": eager.abs().max().item(),
+            "same_argmax": bool((graphed.argmax(-1) == eager.argmax(-1)).all())}
+
+
+def part_ours(cases: list[tuple[int, int]], new_tokens: int, eager: bool) -> dict:
+    import torch
+
+    from router.engine_config import EngineConfig
+    from router.llm_engine import LLMEngine
+    from workers.grouped_mm import torch_grouped_mm
+    from workers.mla_decode import paged_mla_decode
+
+    t0 = time.perf_counter()
+    eng = LLMEngine.from_config(EngineConfig(
+        model=str(LITE), dtype="bfloat16", device="cuda", random_weights=True, enforce_eager=eager,
+        max_num_seqs=max(b for b, _ in cases), max_model_len=max(c for _, c in cases) + new_tokens + 64,
+        max_num_batched_tokens=8192, enable_prefix_caching=False))  # the warm-up's prompts are the same
+    load_s = time.perf_counter() - t0
+    runner = eng.executor.runner
+    layer = runner.model.model.layers[1]
+    report = {"impl": "ours (eager)" if eager else "ours", "load_s": load_s,
+              "grouped_mm": layer.mlp.experts.grouped_mm is torch_grouped_mm,
+              "paged_mla_kernel": layer.self_attn.mla_decode is paged_mla_decode,
+              "cuda_graphs": runner.graphs is not None, "kv_blocks": runner.kv_cache.num_blocks, "cases": []}
+    if runner.graphs is not None:
+        report["graphs_vs_eager"] = graphs_agree(eng)
+    decode_rate(eng, 4, 64, 4, seed=1)  # warm-up
+    for i, (batch, context) in enumerate(cases):
+        try:
+            report["cases"].append(decode_rate(eng, batch, context, new_tokens, seed=2 + i))
+        except torch.OutOfMemoryError as e:
+            report["cases"].append({"batch": batch, "context": context, "error": f"out of memory: {e}"[:300]})
+            torch.cuda.empty_cache()
+    report["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return report
+
+
+def part_hf(cases: list[tuple[int, int]], new_tokens: int, eager: bool) -> dict:
     import torch
     import transformers
     from transformers import AutoConfig, DeepseekV2ForCausalLM, GenerationConfig
@@ -82,9 +130,8 @@ def part_hf(prompt_len: int, new_tokens: int, batch: int) -> dict:
     torch.set_default_dtype(torch.float32)
     load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 100000, (batch, prompt_len), generator=g).cuda()
 
-    def run(n):
+    def run(ids, n):
         cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -93,17 +140,46 @@ def part_hf(prompt_len: int, new_tokens: int, batch: int) -> dict:
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
-    run(4)  # warm-up
-    t_first = run(1)
-    t_all = run(new_tokens)
-    return {"impl": f"transformers {transformers.__version__}", "batch": batch, "prompt_len": prompt_len,
-            "new_tokens": new_tokens, "load_s": load_s, "prefill_s": t_first, "decode_s": t_all - t_first,
-            "decode_tok_s": batch * (new_tokens - 1) / (t_all - t_first),
-            "experts_impl": str(getattr(config, "_experts_implementation", None)),
-            "max_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    report = {"impl": f"transformers {transformers.__version__}", "load_s": load_s,
+              "experts_impl": str(getattr(config, "_experts_implementation", None)), "cases": []}
+    run(torch.randint(0, 100000, (1, 64), generator=g).cuda(), 4)  # warm-up
+    for batch, context in cases:
+        ids = torch.randint(0, 100000, (batch, context), generator=g).cuda()
+        try:
+            t_first = run(ids, 1)
+            t_all = run(ids, new_tokens)
+            report["cases"].append({"batch": batch, "context": context, "new_tokens": new_tokens,
+                                    "prefill_s": t_first, "decode_s": t_all - t_first,
+                                    "decode_tok_s": batch * (new_tokens - 1) / (t_all - t_first)})
+        except torch.OutOfMemoryError as e:
+            report["cases"].append({"batch": batch, "context": context, "error": f"out of memory: {e}"[:300]})
+        del ids
+        torch.cuda.empty_cache()
+    report["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return report
 
 
-def part_nccl(prompt_len: int, new_tokens: int, batch: int) -> dict:
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (the median of 10 copies of
+    2 GiB)."""
+    import statistics
+
+    import torch
+
+    a = torch.empty(2**30, dtype=torch.int16, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(13):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    return 2 * a.numel() * a.element_size() / statistics.median(times[3:])
+
+
+def part_nccl() -> dict:
     import tempfile
 
     from cluster.tiny_checkpoint import make_checkpoint
@@ -118,30 +194,50 @@ def part_nccl(prompt_len: int, new_tokens: int, batch: int) -> dict:
             "copies_through_all_to_all": out["copies_through_all_to_all"]}
 
 
-def run_part(name: str, args, batch: int | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--part", name, "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens), "--batch", str(batch or args.batch)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+def run_part(name: str, args, cases: str, eager: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--part", name, "--cases", cases, "--new-tokens", str(args.new_tokens)]
+    proc = subprocess.run(cmd + (["--eager"] if eager else []), capture_output=True, text=True,
+                          timeout=args.timeout, check=False)
     sys.stderr.write(proc.stderr[-4000:])
     if proc.returncode != 0:
-        return {"impl": name, "error": proc.stderr[-1500:]}
+        return {"impl": name, "error": proc.stderr[-1500:], "cases": []}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(title: str, reports: list[dict], config: dict, bandwidth: float) -> None:
+    print(f"\n{title}")
+    print(f"{'impl':<28}{'batch':>6}{'context':>8}{'decode tok/s':>14}{'roofline':>10}{'of roofline':>13}")
+    for r in reports:
+        if "error" in r:
+            print(f"{r['impl']:<28} ERROR {r['error'][-400:]}")
+        for c in r["cases"]:
+            roof = roofline_tok_s(config, c["batch"], c["context"], bandwidth)
+            if "error" in c:
+                print(f"{r['impl']:<28}{c['batch']:>6}{c['context']:>8}  {c['error'][:60]}")
+            else:
+                print(f"{r['impl']:<28}{c['batch']:>6}{c['context']:>8}{c['decode_tok_s']:>14.1f}{roof:>10.0f}"
+                      f"{c['decode_tok_s'] / roof:>12.0%}")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=["ours", "hf", "nccl"])
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--throughput-batches", default="64,256")
-    ap.add_argument("--timeout", type=int, default=240)
+    ap.add_argument("--cases", default="1x1024,1x4096,64x1024,64x4096,256x1024,256x4096",
+                    help="decode cases, BATCHxCONTEXT, comma-separated")
+    ap.add_argument("--eager-cases", default="1x1024,64x1024", help="ours without CUDA graphs, for comparison")
+    ap.add_argument("--hf-cases", default="1x1024,1x4096,64x1024", help="transformers (its cache is expanded K/V)")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--timeout", type=int, default=540)
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.part == "nccl":
+        print(json.dumps(part_nccl()))
+        return 0
     if args.part:
-        fn = {"ours": part_ours, "hf": part_hf, "nccl": part_nccl}[args.part]
-        print(json.dumps(fn(args.prompt_len, args.new_tokens, args.batch)))
+        fn = {"ours": part_ours, "hf": part_hf}[args.part]
+        print(json.dumps(fn(parse_cases(args.cases), args.new_tokens, args.eager)))
         return 0
 
     import torch
@@ -149,31 +245,22 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if not args.skip_tests:
         env = dict(os.environ, MOE_SERVE_TEST_DEVICE="cuda", PYTHONPATH=str(ROOT))
-        t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                            "tests/test_model_vs_transformers.py"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=args.timeout)
+        t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *TESTS],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
         print(t.stdout[-3000:], t.stderr[-2000:])
         report["tests_on_cuda"] = t.stdout.strip().splitlines()[-1] if t.stdout.strip() else t.stderr[-500:]
-    report["nccl_dispatch"] = run_part("nccl", args)
+    report["nccl_dispatch"] = run_part("nccl", args, "")
     print(f"all-to-all dispatcher, NCCL world size 1: {report['nccl_dispatch']}")
-    report["decode"] = [run_part("ours", args), run_part("hf", args)]
-    print(f"\n{report['device']}, torch {report['torch']}: DeepSeek-Coder-V2-Lite shape, random bf16 weights, "
-          f"batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-    print(f"{'impl':<24}{'load s':>8}{'prefill s':>11}{'decode tok/s':>14}{'max GiB':>9}")
+    report["copy_bandwidth"] = bandwidth = copy_bandwidth()
+    config = json.loads((LITE / "config.json").read_text())
+    report["decode"] = [run_part("ours", args, args.cases), run_part("ours", args, args.eager_cases, eager=True),
+                        run_part("hf", args, args.hf_cases)]
     for r in report["decode"]:
-        if "error" in r:
-            print(f"{r['impl']:<24} ERROR {r['error'][-300:]}")
-        else:
-            print(f"{r['impl']:<24}{r['load_s']:>8.1f}{r['prefill_s']:>11.3f}{r['decode_tok_s']:>14.1f}"
-                  f"{r['max_mem_gib']:>9.1f}")
-    report["throughput"] = [run_part("ours", args, int(b)) for b in args.throughput_batches.split(",")]
-    print(f"\ncolocated single-GPU throughput, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-    print(f"{'batch':>6}{'prefill s':>11}{'decode tok/s':>14}{'max GiB':>9}")
-    for r in report["throughput"]:
-        if "error" in r:
-            print(f"{'':>6} ERROR {r['error'][-300:]}")
-        else:
-            print(f"{r['batch']:>6}{r['prefill_s']:>11.3f}{r['decode_tok_s']:>14.1f}{r['max_mem_gib']:>9.1f}")
+        print({k: v for k, v in r.items() if k != "cases"})
+    print_table(f"{report['device']}, torch {report['torch']}: DeepSeek-Coder-V2-Lite shape, random bf16 weights, "
+                f"{args.new_tokens} decode tokens after a prompt of the context's length; roofline: the step's "
+                f"weight and cache bytes at the measured copy bandwidth, {bandwidth / 1e12:.2f} TB/s",
+                report["decode"], config, bandwidth)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
     return 0

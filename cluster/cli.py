@@ -150,6 +150,7 @@ def placement_list(text: str) -> tuple[int, ...]:
 
 def engine_config(args, model: str) -> EngineConfig:
     return EngineConfig(model=model, dtype=args.dtype, device=args.device, random_weights=args.random_weights,
+                        enforce_eager=args.enforce_eager,
                         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_gib=args.kv_cache_gib, max_model_len=args.max_model_len,
                         enable_prefix_caching=not args.no_prefix_caching,
@@ -168,7 +169,7 @@ def default_model() -> str:
 
 UP_FIELDS = {  # `moe-serve up` flags -> the config fields they override
     "model": "model.path", "served_model_name": "model.name", "dtype": "model.dtype", "device": "model.device",
-    "random_weights": "model.random_weights", "max_num_seqs": "scheduler.max_num_seqs",
+    "random_weights": "model.random_weights", "enforce_eager": "model.enforce_eager", "max_num_seqs": "scheduler.max_num_seqs",
     "max_num_batched_tokens": "scheduler.max_num_batched_tokens", "max_model_len": "scheduler.max_model_len",
     "stream_interval": "scheduler.stream_interval",
     "kv_cache_gib": "cache.kv_cache_gib", "no_prefix_caching": "cache.prefix_caching",
@@ -309,6 +310,8 @@ def add_engine_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--random-weights", action="store_true", help="random weights of the checkpoint's shapes")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="GPU: run decode steps eagerly instead of replaying captured CUDA graphs")
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--stream-interval", type=int, default=1, metavar="K",

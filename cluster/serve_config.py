@@ -36,6 +36,7 @@ class ModelSection(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     random_weights: bool = False
+    enforce_eager: bool = EngineConfig.enforce_eager  # GPU: no CUDA graphs for decode
 
     @field_validator("path", "shapes")
     @classmethod
@@ -192,7 +193,7 @@ class ServeConfig(Section):
         m, t, c, s = self.model, self.topology, self.cache, self.scheduler
         return EngineConfig(
             model=model_dir, dtype=m.dtype, device=m.device, random_weights=m.random_weights,
-            max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
+            enforce_eager=m.enforce_eager, max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
             max_model_len=s.max_model_len, max_waiting=s.max_waiting, stream_interval=s.stream_interval,
             kv_cache_gib=c.kv_cache_gib,
             gpu_memory_utilization=c.gpu_memory_utilization, enable_prefix_caching=c.prefix_caching,

@@ -19,6 +19,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_gib: float = 1.0  # CPU cache budget
     gpu_memory_utilization: float = 0.85  # fraction of free GPU memory for the cache after loading
+    enforce_eager: bool = False  # GPU: run decode steps eagerly instead of replaying captured CUDA graphs
     attention_workers: int = 1  # data-parallel attention ranks, each with its own sequences and cache
     expert_workers: int = 0  # processes holding the routed experts; 0: experts live with attention (colocated)
     expert_placement: tuple[int, ...] | None = None  # expert id -> expert worker; default: contiguous ranges

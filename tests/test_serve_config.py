@@ -114,9 +114,10 @@ def test_up_flags_given_override_the_file_and_only_those():
     path = str(ROOT / "configs/deepseek-coder-v2-lite-4gpu.yaml")
     args = build_parser().parse_args(["up", path, "--expert-workers", "4", "--max-num-seqs", "8",
                                       "--no-prefix-caching", "--api-key", "k1", "--api-key", "k2",
-                                      "--stream-interval", "4"])
+                                      "--stream-interval", "4", "--enforce-eager"])
     options = ServeConfig.load(args.config, overrides(args)).serve_options("/models/x")
     e = options.engine
+    assert e.enforce_eager
     assert (e.expert_workers, e.max_num_seqs, e.enable_prefix_caching, options.api_keys) == (4, 8, False, ("k1", "k2"))
     assert e.stream_interval == 4
     assert (e.attention_workers, e.max_num_batched_tokens, e.dtype) == (2, 8192, "bfloat16")  # from the file

@@ -30,7 +30,8 @@ class KVCache:
                  device: torch.device):
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_blocks, block_size, *entry_shape(config))
+        self.pad_block = num_blocks  # one block more, never handed out: a padded batch's extra rows use it
+        shape = (num_blocks + 1, block_size, *entry_shape(config))
         self.layers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
 
     @classmethod

@@ -20,12 +20,13 @@ from workers.attention_metadata import AttentionMetadata
 from workers.causal_lm import CausalLM, run_interleaved
 from workers.checkpoint import Checkpoint
 from workers.config import ModelConfig, resolve_device, resolve_dtype
+from workers.decode_graphs import DecodeGraphs
 from workers.dispatcher import Dispatcher
-from workers.grouped_mm import select_grouped_mm
+from workers.grouped_mm import select_grouped_mm, torch_grouped_mm
 from workers.kv_cache import KVCache, bytes_per_token
 from workers.loader import build_model
 from workers.local_dispatcher import LocalDispatcher
-from workers.mla_decode import select_mla_decode
+from workers.mla_decode import paged_mla_decode, select_mla_decode
 from workers.sampler import SampleResult, SampleRow, Sampler
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,11 @@ class StepPlan(NamedTuple):
 
 class ModelRunner:
     def __init__(self, model: CausalLM, kv_cache: KVCache, device: torch.device, micro_batches: int = 1,
-                 collective: bool = False):
-        """collective: the model's MoE layers talk to other ranks, which need this one in every step."""
+                 collective: bool = False, graphs: DecodeGraphs | None = None):
+        """collective: the model's MoE layers talk to other ranks, which need this one in every step.
+        graphs: captured decode steps, replayed for the steps that only decode."""
         self.model = model
+        self.graphs = graphs
         self.kv_cache = kv_cache
         self.device = device
         self.micro_batches = micro_batches
@@ -86,6 +89,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, chunks: list[SeqChunk], all_positions: bool = False) -> torch.Tensor:
         """Logits [S, V]: one row per sample of each chunk (every token's row with all_positions)."""
+        if (self.graphs is not None and not all_positions and len(chunks) <= self.graphs.max_batch
+                and all(len(c.token_ids) == 1 for c in chunks)):
+            return self._graph_logits(chunks)
         groups = split_micro_batches(chunks, self.micro_batches)
         stages = []
         for group in groups:
@@ -103,6 +109,20 @@ class ModelRunner:
             repeats = torch.tensor([len(c.samples) for c in chunks], device=self.device)  # [B]
             hidden = hidden[ends.repeat_interleave(repeats)]  # [S, D]
         return self.model.compute_logits(hidden)
+
+    def _graph_logits(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """A decode-only step through its captured graph: logits [S, V], one row per sample."""
+        bs = self.kv_cache.block_size
+        pos = [c.start for c in chunks]
+        logits = self.graphs.run([c.token_ids[0] for c in chunks], pos,
+                                 [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)],
+                                 [c.block_table for c in chunks], [p + 1 for p in pos])  # [B, V]
+        repeats = [len(c.samples) for c in chunks]
+        if any(r != 1 for r in repeats):  # a fork's n samples, or none mid-prompt
+            rows = torch.arange(len(chunks), device=self.device).repeat_interleave(
+                torch.tensor(repeats, device=self.device))
+            logits = logits[rows]
+        return logits
 
     def execute(self, plan: StepPlan) -> list[SampleResult]:
         """Runs the plan's chunks; returns their samples' tokens, in order."""
@@ -158,4 +178,24 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, dispatcher: Di
     log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", kv_cache.num_blocks, config.block_size,
              kv_cache.num_blocks * bytes_per_token(model_config, dtype) * config.block_size / 2**30)
     collective = dispatcher is not None and not isinstance(dispatcher, LocalDispatcher)
-    return ModelRunner(model, kv_cache, device, micro_batches, collective)
+    graphs = None
+    if device.type == "cuda" and not config.enforce_eager and not collective:
+        graphs = capture_decode(model, kv_cache, config.max_num_seqs, -(-max_len // config.block_size), device)
+    return ModelRunner(model, kv_cache, device, micro_batches, collective, graphs)
+
+
+def capture_decode(model: CausalLM, kv_cache: KVCache, max_batch: int, max_blocks: int,
+                   device: torch.device) -> DecodeGraphs | None:
+    """CUDA graphs of the decode step, where its forward pass never reads back to the host: MLA through the paged
+    kernel and the experts through torch._grouped_mm (the fallbacks gather by host-side lengths)."""
+    layers = model.model.layers
+    mla = all(getattr(layer.self_attn, "mla_decode", None) is paged_mla_decode for layer in layers)
+    experts = [layer.mlp.experts for layer in layers if hasattr(layer.mlp, "experts")]
+    if not mla or any(e.grouped_mm is not torch_grouped_mm for e in experts):
+        log.info("decode runs eagerly: its forward pass reads back to the host (no paged MLA kernel or grouped GEMM)")
+        return None
+    try:
+        return DecodeGraphs(model, kv_cache, max_batch, max_blocks, device)
+    except RuntimeError as e:
+        log.warning("could not capture the decode step as CUDA graphs (%s); decode runs eagerly", e)
+        return None

@@ -1,0 +1,108 @@
+"""DecodeGraphs: the decode step's forward pass captured as CUDA graphs, one per padded batch size.
+
+A decode step launches a few hundred small kernels; replaying them as one graph takes the CPU's launch time out of
+the step. Each graph reads its inputs from static buffers (token ids, positions, cache slots, block tables, context
+lengths) and writes its logits to a static output. A step of B decodes runs the graph of the smallest captured
+size G >= B: the B real rows are copied in, and the G - B padding rows write their cache entry to the cache's pad
+block and attend to that one entry, so they touch no sequence's cache. Their logits are dropped.
+
+Only a forward pass that never reads back to the host can be captured: MLA decode through the paged kernel
+(`paged_mla_decode`), the local dispatcher and the grouped expert GEMM. `build_runner` captures on CUDA only;
+`capture=False` runs the same padded static-buffer pass eagerly (how it is tested on CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from workers.attention_metadata import AttentionMetadata
+from workers.causal_lm import CausalLM
+from workers.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+def batch_sizes(max_batch: int) -> list[int]:
+    """The captured sizes: 1, 2, 4, then every multiple of 8 up to max_batch (and max_batch itself)."""
+    sizes = [s for s in (1, 2, 4) if s < max_batch] + list(range(8, max_batch, 8))
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model: CausalLM, kv_cache: KVCache, max_batch: int, max_blocks: int, device: torch.device,
+                 capture: bool = True):
+        """max_blocks: the widest block table (max_model_len in blocks)."""
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sizes = batch_sizes(max_batch)
+        self.capture = capture
+        long = dict(dtype=torch.long, device=device)
+        self.input_ids = torch.zeros(max_batch, **long)  # [Bmax]
+        self.positions = torch.zeros(max_batch, **long)  # [Bmax]
+        self.slots = torch.zeros(max_batch, **long)  # [Bmax]
+        self.tables = torch.zeros(max_batch, max_blocks, **long)  # [Bmax, M]
+        self.lens = torch.ones(max_batch, **long)  # [Bmax]
+        self._pad(0, max_batch)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # [G, V] each graph's output
+        if capture:
+            self._capture_all()
+
+    @property
+    def max_batch(self) -> int:
+        return self.sizes[-1]
+
+    def _pad(self, start: int, stop: int) -> None:
+        """Rows start..stop become padding: token 0 at position 0, written to and read from the pad block only."""
+        pad = self.kv_cache.pad_block
+        self.input_ids[start:stop] = 0
+        self.positions[start:stop] = 0
+        self.slots[start:stop] = pad * self.kv_cache.block_size
+        self.tables[start:stop, 0] = pad
+        self.lens[start:stop] = 1
+
+    def _forward(self, G: int) -> torch.Tensor:
+        """The padded batch's logits [G, V], from the static buffers only (what a graph captures)."""
+        meta = AttentionMetadata(
+            slot_mapping=self.slots[:G], block_tables=self.tables[:G], context_lens=self.lens[:G],
+            query_lens=(1,) * G,
+            context_lens_list=(),  # on the host, so not in a graph: the paged decode path reads context_lens only
+            block_size=self.kv_cache.block_size, num_decodes=G)
+        hidden = self.model(self.input_ids[:G], self.positions[:G], self.kv_cache, meta)  # [G, D]
+        return self.model.compute_logits(hidden)  # [G, V]
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        t0 = time.perf_counter()
+        pool = None
+        for G in reversed(self.sizes):  # largest first, so the smaller graphs fit in its memory pool
+            self._forward(G)  # warm-up: compiles the kernels, outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[G] = self._forward(G)
+            pool = graph.pool()
+            self.graphs[G] = graph
+        torch.cuda.synchronize()
+        log.info("captured %d decode graphs (batch 1 to %d) in %.1f s", len(self.graphs), self.max_batch,
+                 time.perf_counter() - t0)
+
+    def run(self, token_ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            lens: list[int]) -> torch.Tensor:
+        """One decode step of B <= max_batch sequences (a token each) -> logits [B, V]."""
+        B = len(token_ids)
+        G = next(s for s in self.sizes if s >= B)
+        width = max(len(t) for t in tables)
+        self.input_ids[:B].copy_(torch.tensor(token_ids))
+        self.positions[:B].copy_(torch.tensor(positions))
+        self.slots[:B].copy_(torch.tensor(slots))
+        self.tables[:B, :width].copy_(torch.tensor([t + [0] * (width - len(t)) for t in tables]))
+        self.lens[:B].copy_(torch.tensor(lens))
+        self._pad(B, G)
+        if not self.capture:
+            return self._forward(G)[:B]
+        self.graphs[G].replay()
+        return self.logits[G][:B]
