@@ -6,7 +6,8 @@
    the bmm form (float32 and bfloat16), the padded decode-graph step against the plain one.
 2. The all-to-all dispatcher on an NCCL group of world size 1 (tiny DeepSeek-V2, float32): the same code path the
    multi-process workers use must give the colocated model's greedy tokens (tests/dispatch_check.py).
-3. The device-to-device copy bandwidth, for the roofline (benchmarks/roofline.py).
+3. The device-to-device copy bandwidth, for the roofline (benchmarks/roofline.py), and the MLA decode kernel alone
+   over a sweep of its tile and launch settings (--kernel-cases), against that bandwidth.
 4. Decode tokens/s of a DeepSeek-Coder-V2-Lite-shaped model (random bf16 weights) at each --cases batch and
    context: ours (CUDA graphs, the paged MLA kernel, torch._grouped_mm; first, a captured step's logits against
    the eager step's), ours without graphs (--eager-cases), and transformers (--hf-cases), each in its own process;
@@ -29,6 +30,7 @@ LITE = ROOT / "benchmarks" / "shapes" / "deepseek-coder-v2-lite"
 sys.path.insert(0, str(ROOT))
 from benchmarks.roofline import roofline_tok_s
 
+BUDGET = 8192  # max_num_batched_tokens: prefill chunks of the benchmark's engine
 TESTS = ["tests/test_model_vs_transformers.py", "tests/test_triton_mla_decode.py", "tests/test_decode_graphs.py"]
 
 
@@ -38,34 +40,43 @@ def parse_cases(text: str) -> list[tuple[int, int]]:
 
 
 def decode_rate(eng, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
-    """Prefill `batch` random prompts, then time the decode steps until every request has new_tokens."""
+    """`batch` random prompts of prompt_len tokens; once every one is decoding, time new_tokens steps of the whole
+    batch (each request may run longer than that, so none ends inside the window), then abort them all."""
     import torch
 
     from workers.sampling_params import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens(batch, prompt_len, new_tokens, eng.config.max_num_batched_tokens),
+                            temperature=0.0, ignore_eos=True)
     vocab = eng.executor.runner.model.config.vocab_size
-    for _ in range(batch):
-        eng.add_request(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
+    ids = [eng.add_request(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
+           for _ in range(batch)]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     started: set[str] = set()
-    out_tokens = 0
     while len(started) < batch:  # prefill: until every request has its first token
-        for o in eng.step():
-            started.add(o.request_id)
-            out_tokens += sum(len(c.token_ids) for c in o.outputs)
+        started.update(o.request_id for o in eng.step())
     torch.cuda.synchronize()
     t1 = time.perf_counter()
-    decode_from, steps = out_tokens, 0
-    while eng.has_unfinished():
-        out_tokens += sum(len(c.token_ids) for o in eng.step() for c in o.outputs)
-        steps += 1
+    tokens = 0
+    for _ in range(new_tokens):
+        outs = eng.step()
+        assert len(outs) == batch and not any(o.finished for o in outs), "the batch shrank inside the window"
+        tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
     torch.cuda.synchronize()
     t2 = time.perf_counter()
+    for request_id in ids:
+        eng.abort(request_id)
     return {"batch": batch, "context": prompt_len, "new_tokens": new_tokens, "prefill_s": t1 - t0,
-            "decode_steps": steps, "decode_s": t2 - t1, "decode_tok_s": (out_tokens - decode_from) / (t2 - t1)}
+            "decode_steps": new_tokens, "decode_s": t2 - t1, "decode_tok_s": tokens / (t2 - t1)}
+
+
+def max_tokens(batch: int, prompt_len: int, new_tokens: int, budget: int) -> int:
+    """Enough tokens that the first request admitted still runs when the last has finished its prefill and
+    new_tokens steps after (prefill takes about batch * prompt_len / budget steps; doubled, for the decodes that
+    share each step's budget)."""
+    return new_tokens + 2 * -(-batch * prompt_len // budget) + 16
 
 
 def graphs_agree(eng) -> dict:
@@ -95,8 +106,9 @@ def part_ours(cases: list[tuple[int, int]], new_tokens: int, eager: bool) -> dic
     t0 = time.perf_counter()
     eng = LLMEngine.from_config(EngineConfig(
         model=str(LITE), dtype="bfloat16", device="cuda", random_weights=True, enforce_eager=eager,
-        max_num_seqs=max(b for b, _ in cases), max_model_len=max(c for _, c in cases) + new_tokens + 64,
-        max_num_batched_tokens=8192, enable_prefix_caching=False))  # the warm-up's prompts are the same
+        max_num_seqs=max(b for b, _ in cases),
+        max_model_len=max(c + max_tokens(b, c, new_tokens, BUDGET) for b, c in cases),
+        max_num_batched_tokens=BUDGET, enable_prefix_caching=False))  # the warm-up's prompts are the same
     load_s = time.perf_counter() - t0
     runner = eng.executor.runner
     layer = runner.model.model.layers[1]
@@ -159,6 +171,48 @@ def part_hf(cases: list[tuple[int, int]], new_tokens: int, eager: bool) -> dict:
     return report
 
 
+def kernel_sweep(cases: list[tuple[int, int]]) -> list[dict]:
+    """The MLA decode kernel alone on Lite's shapes (16 heads, latent 512 + rope 64, bf16, 16-token pages, each
+    sequence's blocks scattered): microseconds per call and the cache bytes it reads per second, for each tile and
+    launch setting."""
+    import functools
+    import itertools
+
+    import torch
+
+    from workers.triton_mla_decode import triton_mla_decode
+
+    H, L, R, page = 16, 512, 64, 16
+    rows = []
+    for batch, context in cases:
+        torch.manual_seed(0)
+        blocks = -(-context // page)
+        cache = torch.randn(batch * blocks + 1, page, L + R, device="cuda", dtype=torch.bfloat16)  # [N, page, L+R]
+        tables = torch.randperm(batch * blocks, device="cuda").view(batch, blocks)  # [B, M] scattered blocks
+        lens = torch.full((batch,), context, device="cuda")  # [B]
+        q = torch.randn(batch, H, L + R, device="cuda", dtype=torch.bfloat16)  # [B, H, L+R]
+        read = batch * context * (L + R) * 2
+        for block_n, warps, stages in itertools.product((16, 32, 64), (4, 8), (1, 2, 3)):
+            row = {"batch": batch, "context": context, "block_n": block_n, "num_warps": warps, "num_stages": stages}
+            try:
+                call = functools.partial(triton_mla_decode, q, cache, tables, lens, 0.1, L, block_n, warps, stages)
+                call()
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(20):
+                    call()
+                stop.record()
+                stop.synchronize()
+                seconds = start.elapsed_time(stop) / 1e3 / 20
+                row.update(us=seconds * 1e6, cache_gb_s=read / seconds / 1e9)
+            except Exception as e:  # noqa: BLE001 -- a setting that does not compile (shared memory): say so
+                row["error"] = str(e)[:200]
+            rows.append(row)
+        del cache, tables, q
+        torch.cuda.empty_cache()
+    return rows
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read and written (the median of 10 copies of
     2 GiB)."""
@@ -196,8 +250,11 @@ def part_nccl() -> dict:
 
 def run_part(name: str, args, cases: str, eager: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--part", name, "--cases", cases, "--new-tokens", str(args.new_tokens)]
-    proc = subprocess.run(cmd + (["--eager"] if eager else []), capture_output=True, text=True,
-                          timeout=args.timeout, check=False)
+    try:
+        proc = subprocess.run(cmd + (["--eager"] if eager else []), capture_output=True, text=True,
+                              timeout=args.timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"impl": name, "error": f"timed out after {args.timeout} s", "cases": []}
     sys.stderr.write(proc.stderr[-4000:])
     if proc.returncode != 0:
         return {"impl": name, "error": proc.stderr[-1500:], "cases": []}
@@ -225,6 +282,7 @@ def main() -> int:
     ap.add_argument("--cases", default="1x1024,1x4096,64x1024,64x4096,256x1024,256x4096",
                     help="decode cases, BATCHxCONTEXT, comma-separated")
     ap.add_argument("--eager-cases", default="1x1024,64x1024", help="ours without CUDA graphs, for comparison")
+    ap.add_argument("--kernel-cases", default="1x4096,64x4096,256x4096", help="the kernel sweep's cases")
     ap.add_argument("--hf-cases", default="1x1024,1x4096,64x1024", help="transformers (its cache is expanded K/V)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--eager", action="store_true")
@@ -245,13 +303,24 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     if not args.skip_tests:
         env = dict(os.environ, MOE_SERVE_TEST_DEVICE="cuda", PYTHONPATH=str(ROOT))
-        t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=", *TESTS],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout, check=False)
-        print(t.stdout[-3000:], t.stderr[-2000:])
-        report["tests_on_cuda"] = t.stdout.strip().splitlines()[-1] if t.stdout.strip() else t.stderr[-500:]
+        try:
+            t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                                *TESTS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout,
+                               check=False)
+            print(t.stdout[-3000:], t.stderr[-2000:])
+            report["tests_on_cuda"] = t.stdout.strip().splitlines()[-1] if t.stdout.strip() else t.stderr[-500:]
+        except subprocess.TimeoutExpired as e:
+            print(str(e.stdout)[-3000:])
+            report["tests_on_cuda"] = f"timed out after {args.timeout} s"
     report["nccl_dispatch"] = run_part("nccl", args, "")
     print(f"all-to-all dispatcher, NCCL world size 1: {report['nccl_dispatch']}")
     report["copy_bandwidth"] = bandwidth = copy_bandwidth()
+    report["kernel_sweep"] = sweep = kernel_sweep(parse_cases(args.kernel_cases))
+    print(f"\nMLA decode kernel alone (bf16, Lite's heads and widths); copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    print(f"{'batch':>6}{'context':>8}{'BN':>4}{'warps':>6}{'stages':>7}{'us':>9}{'cache GB/s':>12}")
+    for r in sweep:
+        tail = f"{r['us']:>9.1f}{r['cache_gb_s']:>12.0f}" if "us" in r else f"  {r['error'][:60]}"
+        print(f"{r['batch']:>6}{r['context']:>8}{r['block_n']:>4}{r['num_warps']:>6}{r['num_stages']:>7}{tail}")
     config = json.loads((LITE / "config.json").read_text())
     report["decode"] = [run_part("ours", args, args.cases), run_part("ours", args, args.eager_cases, eager=True),
                         run_part("hf", args, args.hf_cases)]

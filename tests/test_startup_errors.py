@@ -181,7 +181,7 @@ def test_up_with_a_bad_yaml_config_names_the_file_and_fields(up_runs, tmp_path, 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "starting Ray" not in proc.stdout
     assert proc.stderr.splitlines() == [  # one line per wrong field
         f"moe-serve: error: {typo}: model.bogus: unknown field; known: path, shapes, name, dtype, device, "
-        + "random_weights",
+        + "random_weights, enforce_eager",
         f"{typo}: scheduler.max_num_seqs: Input should be a valid integer (got 'lots')"]
     (tmp_path / "broken.yaml").write_text("model: [\n")
     for name, says in (("broken.yaml", ":2: not valid YAML"), ("absent.yaml", ": cannot read the config file")):

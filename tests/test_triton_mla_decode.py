@@ -52,6 +52,18 @@ def test_kernel_matches_bmm_form(dtype, programs, monkeypatch):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("programs", [None, 400])
+def test_kernel_at_real_widths(programs, monkeypatch):
+    """DeepSeek-V2's widths (latent 512, rope 64, 16 heads), contexts up to 1000 entries in 16-token pages."""
+    if programs:
+        monkeypatch.setattr(kernel, "_num_programs", lambda device: programs)
+    lens = (1, 300, 1000)
+    q, cache, meta = decode_case(lens, heads=16, latent=512, rope=64, page=16, dtype=DTYPES[-1], seed=2)
+    got = paged_mla_decode(q, cache, meta, 0.05, 512)
+    want = torch_mla_decode(q.float(), cache.float(), meta, 0.05, 512)
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_split_count_depends_on_batch_only():
     """The launch grid must not follow the context (CUDA graphs replay one grid): many splits for one sequence,
     one split once the batch fills the device."""

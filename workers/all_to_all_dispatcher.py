@@ -47,9 +47,16 @@ class DispatchStats:
                 "sent": {layer: row.tolist() for layer, row in self.sent.items()},
                 "received": {layer: row.tolist() for layer, row in self.received.items()}}
 
+    def zero(self) -> None:
+        """Counts back to 0, in place (captured CUDA graphs keep adding into these same tensors)."""
+        for row in (*self.sent.values(), *self.received.values()):
+            row.zero_()
+
     def add(self, table: dict[int, torch.Tensor], layer: int, experts: torch.Tensor | None,
             counts: torch.Tensor) -> None:
-        row = table.setdefault(layer, counts.new_zeros(self.num_experts))  # [E], on counts' device (no sync)
+        row = table.get(layer)
+        if row is None:
+            row = table[layer] = counts.new_zeros(self.num_experts)  # [E], on counts' device (no sync)
         if experts is None:  # counts of every expert, in order
             row += counts
         else:

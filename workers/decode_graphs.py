@@ -7,8 +7,10 @@ size G >= B: the B real rows are copied in, and the G - B padding rows write the
 block and attend to that one entry, so they touch no sequence's cache. Their logits are dropped.
 
 Only a forward pass that never reads back to the host can be captured: MLA decode through the paged kernel
-(`paged_mla_decode`), the local dispatcher and the grouped expert GEMM. `build_runner` captures on CUDA only;
-`capture=False` runs the same padded static-buffer pass eagerly (how it is tested on CPU).
+(`paged_mla_decode`), the local dispatcher and torch._grouped_mm on its native path (bf16 on Hopper; elsewhere it
+falls back to a loop that reads the group sizes back). A warm-up with CUDA's sync check on finds a read-back before
+anything is captured. `build_runner` captures on CUDA only; `capture=False` runs the same padded static-buffer pass
+eagerly (how it is tested on CPU). The padding rows are counted in the experts' routing stats.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ class DecodeGraphs:
         self.lens = torch.ones(max_batch, **long)  # [Bmax]
         self._pad(0, max_batch)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # [G, V] each graph's output
+        self.logits = torch.empty(max_batch, model.config.vocab_size, device=device)  # [Bmax, V] every graph's
         if capture:
-            self._capture_all()
+            self._capture_all(device)
 
     @property
     def max_batch(self) -> int:
@@ -75,18 +77,29 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)  # [G, V]
 
     @torch.inference_mode()
-    def _capture_all(self) -> None:
+    def _capture_all(self, device: torch.device) -> None:
+        """Raises RuntimeError where the forward pass reads back to the host (found in a warm-up, before capturing)."""
         t0 = time.perf_counter()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            self._forward(self.max_batch)  # warm-up (compiles the kernels); a read-back raises here
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         pool = None
-        for G in reversed(self.sizes):  # largest first, so the smaller graphs fit in its memory pool
-            self._forward(G)  # warm-up: compiles the kernels, outside the capture
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[G] = self._forward(G)
-            pool = graph.pool()
-            self.graphs[G] = graph
-        torch.cuda.synchronize()
+        try:
+            for G in reversed(self.sizes):  # largest first, so the smaller graphs fit in its memory pool
+                self._forward(G)  # warm-up at this size, outside the capture
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[:G].copy_(self._forward(G))
+                pool = graph.pool()
+                self.graphs[G] = graph
+        except BaseException:
+            torch.cuda.set_stream(torch.cuda.default_stream(device))  # a failed capture can leave its stream current
+            raise
+        torch.cuda.synchronize(device)
+        self.model.dispatcher.stats.zero()  # the warm-ups' expert counts
         log.info("captured %d decode graphs (batch 1 to %d) in %.1f s", len(self.graphs), self.max_batch,
                  time.perf_counter() - t0)
 
@@ -105,4 +118,4 @@ class DecodeGraphs:
         if not self.capture:
             return self._forward(G)[:B]
         self.graphs[G].replay()
-        return self.logits[G][:B]
+        return self.logits[:B]  # until the next replay

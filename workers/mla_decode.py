@@ -60,6 +60,8 @@ def select_mla_decode(device: torch.device, dtype: torch.dtype, latent_dim: int,
         if torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
             return paged_mla_decode
         log.warning("the Triton MLA decode kernel disagrees with the bmm form here; using the bmm form")
-    except Exception as e:  # noqa: BLE001 -- no Triton, or it cannot compile for this device: the bmm form still runs
+    except Exception as e:  # no Triton, or it cannot compile for this device: the bmm form still runs
+        if isinstance(e, getattr(torch, "AcceleratorError", ())):
+            raise  # the device itself failed (e.g. an illegal address): nothing after would run either
         log.warning("the Triton MLA decode kernel is unavailable (%s); using the bmm form", e)
     return torch_mla_decode
