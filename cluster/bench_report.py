@@ -81,10 +81,12 @@ class BenchReport:
         self.summaries = [RunSummary.of(run) for run in runs]
 
     def write_json(self, path: str | Path) -> None:
-        """The setup, then per run its summary and each request's numbers (seconds)."""
+        """The setup, then per run its summary and each request's numbers (seconds; sent_s from the run's first
+        request)."""
         runs = [{**{f.name: plain(getattr(s, f.name)) for f in dataclasses.fields(s)},
-                 "requests": [{"prompt_tokens": r.prompt_tokens, "output_tokens": r.output_tokens, "ttft_s": r.ttft_s,
-                               "tpot_s": r.tpot_s, "e2e_s": r.e2e_s, "error": r.error} for r in run.results]}
+                 "requests": [{"sent_s": r.sent_at - first_sent(run), "prompt_tokens": r.prompt_tokens,
+                               "output_tokens": r.output_tokens, "ttft_s": r.ttft_s, "tpot_s": r.tpot_s,
+                               "e2e_s": r.e2e_s, "error": r.error} for r in run.results]}
                 for s, run in zip(self.summaries, self.runs)]
         Path(path).write_text(json.dumps({**self.setup, "runs": runs}, indent=1, allow_nan=False) + "\n")
 
@@ -112,3 +114,7 @@ class BenchReport:
 def plain(value):
     """Stats as a JSON object (not a list), anything else as it is."""
     return value._asdict() if isinstance(value, Stats) else value
+
+
+def first_sent(run) -> float:
+    return min((r.sent_at for r in run.results), default=0.0)
