@@ -91,7 +91,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward_logits(self, chunks: list[SeqChunk], all_positions: bool = False) -> torch.Tensor:
         """Logits [S, V]: one row per sample of each chunk (every token's row with all_positions)."""
-        if (self.graphs is not None and not all_positions and len(chunks) <= self.graphs.max_batch
+        if (self.graphs is not None and not all_positions and 0 < len(chunks) <= self.graphs.max_batch
                 and all(len(c.token_ids) == 1 for c in chunks)):
             return self._graph_logits(chunks)
         groups = split_micro_batches(chunks, self.micro_batches)
