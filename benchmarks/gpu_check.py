@@ -1,9 +1,10 @@
 """Every GPU check and benchmark in one call (the GPU image has torch and transformers, not Ray).
 
-    python benchmarks/gpu_check.py [--out DIR]
+    python benchmarks/gpu_check.py [--out DIR] [--parts tests,nccl,kernel,ours,eager,hf]
 
 1. Tests on CUDA: the model against transformers (float32, tiny checkpoints), the Triton MLA decode kernel against
-   the bmm form (float32 and bfloat16), the padded decode-graph step against the plain one.
+   the bmm form (float32 and bfloat16), the padded decode-graph step against the plain one, a captured graph's
+   tokens against the eager engine's.
 2. The all-to-all dispatcher on an NCCL group of world size 1 (tiny DeepSeek-V2, float32): the same code path the
    multi-process workers use must give the colocated model's greedy tokens (tests/dispatch_check.py).
 3. The device-to-device copy bandwidth, for the roofline (benchmarks/roofline.py), and the MLA decode kernel alone
@@ -12,7 +13,7 @@
    context: ours (CUDA graphs, the paged MLA kernel, torch._grouped_mm; first, a captured step's logits against
    the eager step's), ours without graphs (--eager-cases), and transformers (--hf-cases), each in its own process;
    beside each, the roofline and the fraction of it reached.
-Prints the table and writes gpu_check.json to --out.
+Prints the tables and writes gpu_check.json to --out after each part.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ LITE = ROOT / "benchmarks" / "shapes" / "deepseek-coder-v2-lite"
 sys.path.insert(0, str(ROOT))
 from benchmarks.roofline import roofline_tok_s
 
+PARTS = ("tests", "nccl", "kernel", "ours", "eager", "hf")
 BUDGET = 8192  # max_num_batched_tokens: prefill chunks of the benchmark's engine
 TESTS = ["tests/test_model_vs_transformers.py", "tests/test_triton_mla_decode.py", "tests/test_decode_graphs.py"]
 
@@ -287,7 +289,9 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--timeout", type=int, default=540)
-    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"which to run, comma-separated (default all: {','.join(PARTS)}); e.g. two calls, "
+                         "tests,nccl,kernel then ours,eager,hf, where one would pass the 10-minute limit")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if args.part == "nccl":
@@ -300,8 +304,17 @@ def main() -> int:
 
     import torch
 
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    if not args.skip_tests:
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"unknown parts {sorted(parts - set(PARTS))}; known: {','.join(PARTS)}")
+    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "parts": sorted(parts)}
+    out = Path(args.out) / "gpu_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every part, so a run cut short keeps what it measured
+        out.write_text(json.dumps(report, indent=2))
+
+    if "tests" in parts:
         env = dict(os.environ, MOE_SERVE_TEST_DEVICE="cuda", PYTHONPATH=str(ROOT))
         try:
             t = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
@@ -312,26 +325,33 @@ def main() -> int:
         except subprocess.TimeoutExpired as e:
             print(str(e.stdout)[-3000:])
             report["tests_on_cuda"] = f"timed out after {args.timeout} s"
-    report["nccl_dispatch"] = run_part("nccl", args, "")
-    print(f"all-to-all dispatcher, NCCL world size 1: {report['nccl_dispatch']}")
+        save()
+    if "nccl" in parts:
+        report["nccl_dispatch"] = run_part("nccl", args, "")
+        print(f"all-to-all dispatcher, NCCL world size 1: {report['nccl_dispatch']}")
+        save()
     report["copy_bandwidth"] = bandwidth = copy_bandwidth()
-    report["kernel_sweep"] = sweep = kernel_sweep(parse_cases(args.kernel_cases))
-    print(f"\nMLA decode kernel alone (bf16, Lite's heads and widths); copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    print(f"{'batch':>6}{'context':>8}{'BN':>4}{'warps':>6}{'stages':>7}{'us':>9}{'cache GB/s':>12}")
-    for r in sweep:
-        tail = f"{r['us']:>9.1f}{r['cache_gb_s']:>12.0f}" if "us" in r else f"  {r['error'][:60]}"
-        print(f"{r['batch']:>6}{r['context']:>8}{r['block_n']:>4}{r['num_warps']:>6}{r['num_stages']:>7}{tail}")
-    config = json.loads((LITE / "config.json").read_text())
-    report["decode"] = [run_part("ours", args, args.cases), run_part("ours", args, args.eager_cases, eager=True),
-                        run_part("hf", args, args.hf_cases)]
-    for r in report["decode"]:
-        print({k: v for k, v in r.items() if k != "cases"})
-    print_table(f"{report['device']}, torch {report['torch']}: DeepSeek-Coder-V2-Lite shape, random bf16 weights, "
-                f"{args.new_tokens} decode tokens after a prompt of the context's length; roofline: the step's "
-                f"weight and cache bytes at the measured copy bandwidth, {bandwidth / 1e12:.2f} TB/s",
-                report["decode"], config, bandwidth)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(f"\ndevice-to-device copy bandwidth (read + written): {bandwidth / 1e9:.0f} GB/s")
+    if "kernel" in parts:
+        report["kernel_sweep"] = sweep = kernel_sweep(parse_cases(args.kernel_cases))
+        print("\nMLA decode kernel alone (bf16, Lite's heads and widths)")
+        print(f"{'batch':>6}{'context':>8}{'BN':>4}{'warps':>6}{'stages':>7}{'us':>9}{'cache GB/s':>12}")
+        for r in sweep:
+            tail = f"{r['us']:>9.1f}{r['cache_gb_s']:>12.0f}" if "us" in r else f"  {r['error'][:60]}"
+            print(f"{r['batch']:>6}{r['context']:>8}{r['block_n']:>4}{r['num_warps']:>6}{r['num_stages']:>7}{tail}")
+        save()
+    report["decode"] = []
+    for part, name, cases, eager in (("ours", "ours", args.cases, False), ("eager", "ours", args.eager_cases, True),
+                                     ("hf", "hf", args.hf_cases, False)):
+        if part in parts:
+            report["decode"].append(run_part(name, args, cases, eager))
+            print({k: v for k, v in report["decode"][-1].items() if k != "cases"})
+            save()
+    if report["decode"]:
+        print_table(f"{report['device']}, torch {report['torch']}: DeepSeek-Coder-V2-Lite shape, random bf16 "
+                    f"weights, {args.new_tokens} decode tokens after a prompt of the context's length; roofline: "
+                    f"the step's weight and cache bytes at the measured copy bandwidth, {bandwidth / 1e12:.2f} TB/s",
+                    report["decode"], json.loads((LITE / "config.json").read_text()), bandwidth)
     return 0
 
 
