@@ -83,12 +83,11 @@ def max_tokens(batch: int, prompt_len: int, new_tokens: int, budget: int) -> int
 
 def graphs_agree(eng) -> dict:
     """One decode step of 5 sequences through the captured graph (padded to 8) and eagerly: logits' difference."""
-    from tests.harness import prefill_logits, random_prompts
+    from tests.harness import decode_chunks, random_prompts
 
     runner = eng.executor.runner
     prompts = random_prompts([17, 300, 5, 64, 1000], seed=9, vocab=100000)
-    _, chunks = prefill_logits(eng, prompts)
-    decode = [c._replace(token_ids=[7 + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
+    decode = decode_chunks(eng, prompts, first_token=7)  # 64 tokens: the decode token opens a block
     graphed = runner.forward_logits(decode).clone()  # [5, V]
     graphs, runner.graphs = runner.graphs, None
     eager = runner.forward_logits(decode)

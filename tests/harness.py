@@ -35,15 +35,22 @@ def generate_tokens(eng: LLMEngine, prompts: list[list[int]], params=GREEDY) -> 
 
 
 def prefill_logits(eng: LLMEngine, prompts: list[list[int]]) -> list[torch.Tensor]:
-    """All-position logits of a batch of prompts in one forward pass, cached into fresh blocks."""
+    """All-position logits of a batch of prompts in one forward pass, cached into fresh blocks (with room for one
+    token more, so a decode step can follow)."""
     bm = BlockManager(eng.executor.runner.kv_cache.num_blocks, eng.executor.runner.kv_cache.block_size)
     chunks = []
     for p in prompts:
         table: list[int] = []
-        bm.grow(table, len(p))
+        bm.grow(table, len(p) + 1)
         chunks.append(SeqChunk(p, 0, table, (SampleRow(GREEDY, 0, None, p, []),)))
     logits = eng.executor.runner.forward_logits(chunks, all_positions=True)
     return list(logits.split([len(p) for p in prompts])), chunks
+
+
+def decode_chunks(eng: LLMEngine, prompts: list[list[int]], first_token: int = 11) -> list[SeqChunk]:
+    """The prompts prefilled, then one decode step for each: prompt i's next token is first_token + i."""
+    _, chunks = prefill_logits(eng, prompts)
+    return [c._replace(token_ids=[first_token + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
 
 
 def hf_model(model_dir):

@@ -52,14 +52,13 @@ def test_padded_graph_steps_match_eager(checkpoint_dir):
 
 def test_graph_logits_match_eager_logits(checkpoint_dir):
     """One decode step of three sequences through the padded graph path and through the plain path."""
-    from tests.harness import prefill_logits
+    from tests.harness import decode_chunks
 
     d = checkpoint_dir("v2_236b")
     eng = paged_engine(d, graphs_up_to=8)
     runner = eng.executor.runner
     prompts = random_prompts([9, 40, 2], seed=6)
-    _, chunks = prefill_logits(eng, prompts)
-    decode = [c._replace(token_ids=[7 + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
+    decode = decode_chunks(eng, prompts, first_token=7)
     graphed = runner.forward_logits(decode)  # [3, V]
     graphs, runner.graphs = runner.graphs, None
     plain = runner.forward_logits(decode)

@@ -3,7 +3,17 @@
 import pytest
 import torch
 
-from tests.harness import GREEDY, engine, generate_tokens, hf_greedy, hf_logits, hf_model, prefill_logits, random_prompts
+from tests.harness import (
+    GREEDY,
+    decode_chunks,
+    engine,
+    generate_tokens,
+    hf_greedy,
+    hf_logits,
+    hf_model,
+    prefill_logits,
+    random_prompts,
+)
 
 
 def test_logits_match_transformers(checkpoint_dir, kind):
@@ -63,9 +73,7 @@ def test_absorbed_decode_equals_naive(checkpoint_dir):
     d = checkpoint_dir("v2_236b")
     eng = engine(d)
     prompts = random_prompts([9, 30, 3], seed=5)
-    _, chunks = prefill_logits(eng, prompts)
-    # one decode step for each sequence: its next token at the next position
-    decode = [c._replace(token_ids=[11 + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
+    decode = decode_chunks(eng, prompts)  # one decode step for each sequence: its next token at the next position
     attn = [layer.self_attn for layer in eng.executor.runner.model.model.layers]
     absorbed = eng.executor.runner.forward_logits(decode)
     for a in attn:

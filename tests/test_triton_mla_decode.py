@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("triton")
 import workers.triton_mla_decode as kernel  # under the interpreter on CPU: see conftest
-from tests.harness import engine, hf_logits, hf_model, prefill_logits, random_prompts
+from tests.harness import decode_chunks, engine, hf_logits, hf_model, random_prompts
 from workers.attention_metadata import AttentionMetadata
 from workers.mla_decode import paged_mla_decode, select_mla_decode, torch_mla_decode
 
@@ -85,8 +85,7 @@ def test_model_decode_through_kernel_matches_transformers(checkpoint_dir):
     for layer in eng.executor.runner.model.model.layers:
         layer.self_attn.mla_decode = paged_mla_decode
     prompts = random_prompts([9, 70, 3], seed=5)
-    _, chunks = prefill_logits(eng, prompts)
-    decode = [c._replace(token_ids=[11 + i], start=len(p)) for i, (c, p) in enumerate(zip(chunks, prompts))]
+    decode = decode_chunks(eng, prompts)
     got = eng.executor.runner.forward_logits(decode)  # [3, V]
     ref = hf_model(d)
     for i, p in enumerate(prompts):
