@@ -69,7 +69,7 @@ class ModelRunner:
             ids.extend(c.token_ids)
             pos = range(c.start, c.start + len(c.token_ids))
             positions.extend(pos)
-            slots.extend(c.block_table[p // bs] * bs + p % bs for p in pos)
+            slots.extend(slot(c.block_table, p, bs) for p in pos)
         num_decodes = next((i for i, c in enumerate(chunks) if len(c.token_ids) > 1), len(chunks))
         tables = np.zeros((len(chunks), max(len(c.block_table) for c in chunks)), dtype=np.int64)  # [B, M]
         for i, c in enumerate(chunks):  # a row at a time: ~10x faster than torch.tensor of padded lists
@@ -117,7 +117,7 @@ class ModelRunner:
         bs = self.kv_cache.block_size
         pos = [c.start for c in chunks]
         logits = self.graphs.run([c.token_ids[0] for c in chunks], pos,
-                                 [c.block_table[p // bs] * bs + p % bs for c, p in zip(chunks, pos)],
+                                 [slot(c.block_table, p, bs) for c, p in zip(chunks, pos)],
                                  [c.block_table for c in chunks], [p + 1 for p in pos])  # [B, V]
         repeats = [len(c.samples) for c in chunks]
         if any(r != 1 for r in repeats):  # a fork's n samples, or none mid-prompt
@@ -142,6 +142,11 @@ class ModelRunner:
     def report(self) -> dict:
         """Steps run, seconds spent, and the tokens this rank routed to each expert (per MoE layer)."""
         return {"steps": self.steps, "busy_s": self.busy_s, **self.model.dispatcher.stats.as_dict()}
+
+
+def slot(block_table: list[int], position: int, block_size: int) -> int:
+    """The flat cache slot of a sequence's token at `position`."""
+    return block_table[position // block_size] * block_size + position % block_size
 
 
 def split_micro_batches(chunks: list[SeqChunk], n: int) -> list[list[SeqChunk]]:
@@ -171,18 +176,19 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, dispatcher: Di
                         mla_decode=select_mla_decode(device, dtype, model_config.kv_lora_rank,
                                                      model_config.qk_rope_head_dim))
     max_len = config.model_len(model_config.max_position_embeddings)
+    blocks_per_seq = -(-max_len // config.block_size)  # the widest block table
     if device.type == "cuda":
         budget = int(torch.cuda.mem_get_info(device)[0] * config.gpu_memory_utilization)
     else:
         budget = int(config.kv_cache_gib * 2**30)
     kv_cache = KVCache.from_budget(model_config, budget, config.block_size, dtype, device,
-                                   max_blocks=config.max_num_seqs * -(-max_len // config.block_size) + 1)
+                                   max_blocks=config.max_num_seqs * blocks_per_seq + 1)
     log.info("KV cache: %d blocks of %d tokens (%.2f GiB)", kv_cache.num_blocks, config.block_size,
              kv_cache.num_blocks * bytes_per_token(model_config, dtype) * config.block_size / 2**30)
     collective = dispatcher is not None and not isinstance(dispatcher, LocalDispatcher)
     graphs = None
     if device.type == "cuda" and not config.enforce_eager and not collective:
-        graphs = capture_decode(model, kv_cache, config.max_num_seqs, -(-max_len // config.block_size), device)
+        graphs = capture_decode(model, kv_cache, config.max_num_seqs, blocks_per_seq, device)
     return ModelRunner(model, kv_cache, device, micro_batches, collective, graphs)
 
 
