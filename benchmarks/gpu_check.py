@@ -38,7 +38,16 @@ TESTS = ["tests/test_model_vs_transformers.py", "tests/test_triton_mla_decode.py
 
 def parse_cases(text: str) -> list[tuple[int, int]]:
     """"1x1024,64x4096" -> [(batch, context), ...]."""
-    return [tuple(int(v) for v in case.split("x")) for case in text.split(",") if case]
+    cases = []
+    for case in filter(None, text.split(",")):
+        try:
+            batch, context = (int(v) for v in case.split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"case {case!r} is not BATCHxCONTEXT, e.g. 64x4096") from None
+        if batch < 1 or context < 1:
+            raise argparse.ArgumentTypeError(f"case {case!r}: batch and context must be at least 1")
+        cases.append((batch, context))
+    return cases
 
 
 def decode_rate(eng, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
@@ -54,22 +63,24 @@ def decode_rate(eng, batch: int, prompt_len: int, new_tokens: int, seed: int) ->
     vocab = eng.executor.runner.model.config.vocab_size
     ids = [eng.add_request(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
            for _ in range(batch)]
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    started: set[str] = set()
-    while len(started) < batch:  # prefill: until every request has its first token
-        started.update(o.request_id for o in eng.step())
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    tokens = 0
-    for _ in range(new_tokens):
-        outs = eng.step()
-        assert len(outs) == batch and not any(o.finished for o in outs), "the batch shrank inside the window"
-        tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    for request_id in ids:
-        eng.abort(request_id)
+    try:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        started: set[str] = set()
+        while not started.issuperset(ids):  # prefill: until every request has its first token
+            started.update(o.request_id for o in eng.step())
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        tokens = 0
+        for _ in range(new_tokens):
+            outs = eng.step()
+            assert len(outs) == batch and not any(o.finished for o in outs), "the batch shrank inside the window"
+            tokens += sum(len(c.token_ids) for o in outs for c in o.outputs)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+    finally:  # a case that failed leaves nothing running into the next
+        for request_id in ids:
+            eng.abort(request_id)
     return {"batch": batch, "context": prompt_len, "new_tokens": new_tokens, "prefill_s": t1 - t0,
             "decode_steps": new_tokens, "decode_s": t2 - t1, "decode_tok_s": tokens / (t2 - t1)}
 
@@ -87,11 +98,14 @@ def graphs_agree(eng) -> dict:
 
     runner = eng.executor.runner
     prompts = random_prompts([17, 300, 5, 64, 1000], seed=9, vocab=100000)
+    assert len(prompts) <= runner.graphs.max_batch, "the check's batch must go through a graph"
     decode = decode_chunks(eng, prompts, first_token=7)  # 64 tokens: the decode token opens a block
     graphed = runner.forward_logits(decode).clone()  # [5, V]
     graphs, runner.graphs = runner.graphs, None
-    eager = runner.forward_logits(decode)
-    runner.graphs = graphs
+    try:
+        eager = runner.forward_logits(decode)
+    finally:
+        runner.graphs = graphs
     return {"max_abs_diff": (graphed - eager).abs().max().item(), "max_abs_logit": eager.abs().max().item(),
             "same_argmax": bool((graphed.argmax(-1) == eager.argmax(-1)).all())}
 
@@ -107,8 +121,8 @@ def part_ours(cases: list[tuple[int, int]], new_tokens: int, eager: bool) -> dic
     t0 = time.perf_counter()
     eng = LLMEngine.from_config(EngineConfig(
         model=str(LITE), dtype="bfloat16", device="cuda", random_weights=True, enforce_eager=eager,
-        max_num_seqs=max(b for b, _ in cases),
-        max_model_len=max(c + max_tokens(b, c, new_tokens, BUDGET) for b, c in cases),
+        max_num_seqs=max(8, *(b for b, _ in cases)),  # graphs_agree's 5 sequences, padded to 8
+        max_model_len=max(1100, *(c + max_tokens(b, c, new_tokens, BUDGET) for b, c in cases)),  # and its 1000
         max_num_batched_tokens=BUDGET, enable_prefix_caching=False))  # the warm-up's prompts are the same
     load_s = time.perf_counter() - t0
     runner = eng.executor.runner
@@ -123,8 +137,8 @@ def part_ours(cases: list[tuple[int, int]], new_tokens: int, eager: bool) -> dic
     for i, (batch, context) in enumerate(cases):
         try:
             report["cases"].append(decode_rate(eng, batch, context, new_tokens, seed=2 + i))
-        except torch.OutOfMemoryError as e:
-            report["cases"].append({"batch": batch, "context": context, "error": f"out of memory: {e}"[:300]})
+        except Exception as e:  # noqa: BLE001 -- out of memory, or the batch shrank: an error row, the rest still run
+            report["cases"].append({"batch": batch, "context": context, "error": f"{type(e).__name__}: {e}"[:300]})
             torch.cuda.empty_cache()
     report["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return report
@@ -148,8 +162,8 @@ def part_hf(cases: list[tuple[int, int]], new_tokens: int, eager: bool) -> dict:
         cfg = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.no_grad():
-            model.generate(ids, generation_config=cfg)
+        with torch.no_grad():  # the mask says every token is real (else those equal to pad_token_id count as padding)
+            model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=cfg)
         torch.cuda.synchronize()
         return time.perf_counter() - t
 
@@ -231,7 +245,10 @@ def copy_bandwidth() -> float:
         stop.record()
         stop.synchronize()
         times.append(start.elapsed_time(stop) / 1e3)
-    return 2 * a.numel() * a.element_size() / statistics.median(times[3:])
+    nbytes = 2 * a.numel() * a.element_size()
+    del a, b
+    torch.cuda.empty_cache()
+    return nbytes / statistics.median(times[3:])
 
 
 def part_nccl() -> dict:
@@ -249,16 +266,24 @@ def part_nccl() -> dict:
             "copies_through_all_to_all": out["copies_through_all_to_all"]}
 
 
+def text_of(stream: str | bytes | None) -> str:
+    """TimeoutExpired carries what the child wrote as bytes (or None), whatever text= was."""
+    return stream.decode(errors="replace") if isinstance(stream, bytes) else stream or ""
+
+
 def run_part(name: str, args, cases: str, eager: bool = False) -> dict:
+    label = "ours (eager)" if eager else name
     cmd = [sys.executable, __file__, "--part", name, "--cases", cases, "--new-tokens", str(args.new_tokens)]
     try:
         proc = subprocess.run(cmd + (["--eager"] if eager else []), capture_output=True, text=True,
                               timeout=args.timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"impl": name, "error": f"timed out after {args.timeout} s", "cases": []}
+    except subprocess.TimeoutExpired as e:
+        stderr = text_of(e.stderr)
+        sys.stderr.write(stderr[-4000:])
+        return {"impl": label, "error": f"timed out after {args.timeout} s; stderr: {stderr[-1200:]}", "cases": []}
     sys.stderr.write(proc.stderr[-4000:])
     if proc.returncode != 0:
-        return {"impl": name, "error": proc.stderr[-1500:], "cases": []}
+        return {"impl": label, "error": proc.stderr[-1500:], "cases": []}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -293,6 +318,11 @@ def main() -> int:
                          "tests,nccl,kernel then ours,eager,hf, where one would pass the 10-minute limit")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    try:  # every case list checked before any part runs
+        for text in (args.cases, args.eager_cases, args.kernel_cases, args.hf_cases):
+            parse_cases(text)
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
     if args.part == "nccl":
         print(json.dumps(part_nccl()))
         return 0
@@ -303,7 +333,7 @@ def main() -> int:
 
     import torch
 
-    parts = set(args.parts.split(","))
+    parts = set(filter(None, args.parts.split(",")))
     if parts - set(PARTS):
         ap.error(f"unknown parts {sorted(parts - set(PARTS))}; known: {','.join(PARTS)}")
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "parts": sorted(parts)}
@@ -322,7 +352,7 @@ def main() -> int:
             print(t.stdout[-3000:], t.stderr[-2000:])
             report["tests_on_cuda"] = t.stdout.strip().splitlines()[-1] if t.stdout.strip() else t.stderr[-500:]
         except subprocess.TimeoutExpired as e:
-            print(str(e.stdout)[-3000:])
+            print(text_of(e.stdout)[-3000:], text_of(e.stderr)[-2000:])
             report["tests_on_cuda"] = f"timed out after {args.timeout} s"
         save()
     if "nccl" in parts:

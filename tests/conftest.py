@@ -13,13 +13,15 @@ from cluster.tiny_checkpoint import SHAPES, make_checkpoint
 
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory):
-    """checkpoint_dir(kind) -> a directory with a tiny random checkpoint of that kind (made once per session)."""
+    """checkpoint_dir(kind, **overrides) -> a directory with a tiny random checkpoint of that kind, its config
+    fields overridden (each made once per session)."""
     made = {}
 
-    def get(kind: str):
-        if kind not in made:
-            made[kind] = make_checkpoint(kind, tmp_path_factory.mktemp(kind))
-        return made[kind]
+    def get(kind: str, **overrides):
+        key = (kind, *sorted(overrides.items()))
+        if key not in made:
+            made[key] = make_checkpoint(kind, tmp_path_factory.mktemp(kind), **overrides)
+        return made[key]
 
     return get
 

@@ -33,7 +33,7 @@ def test_padded_graph_steps_match_eager(checkpoint_dir):
     """Five sequences ending at different steps: decode batches of 5 (more than the graphs hold: eager), 4 (exact),
     3 (padded to 4), 2 and 1. Tokens and every sequence's cache entries match the eager engine's; the padding rows
     wrote to the pad block only."""
-    d = checkpoint_dir("v2_236b")
+    d = checkpoint_dir("v2_236b", qk_rope_head_dim=16)  # the kernel's smallest dot
     eager, graphed = paged_engine(d), paged_engine(d, graphs_up_to=4)
     replays = []
     run = graphed.executor.runner.graphs.run
@@ -54,7 +54,7 @@ def test_graph_logits_match_eager_logits(checkpoint_dir):
     """One decode step of three sequences through the padded graph path and through the plain path."""
     from tests.harness import decode_chunks
 
-    d = checkpoint_dir("v2_236b")
+    d = checkpoint_dir("v2_236b", qk_rope_head_dim=16)  # the kernel's smallest dot
     eng = paged_engine(d, graphs_up_to=8)
     runner = eng.executor.runner
     prompts = random_prompts([9, 40, 2], seed=6)

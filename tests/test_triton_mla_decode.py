@@ -76,11 +76,13 @@ def test_selected_on_cuda_only():
     chosen = select_mla_decode(DEVICE, DTYPES[-1], 64, 16)
     assert chosen is (paged_mla_decode if ON_GPU else torch_mla_decode)
     assert select_mla_decode(DEVICE, DTYPES[-1], 48, 16) is torch_mla_decode  # tl.arange needs powers of two
+    assert select_mla_decode(DEVICE, DTYPES[-1], 64, 8) is torch_mla_decode  # tl.dot needs K >= 16
 
 
 def test_model_decode_through_kernel_matches_transformers(checkpoint_dir):
-    """The tiny DeepSeek-V2's decode step through the kernel gives transformers' logits."""
-    d = checkpoint_dir("v2_236b")
+    """The tiny DeepSeek-V2's decode step through the kernel gives transformers' logits (rope width 16: tl.dot's
+    smallest)."""
+    d = checkpoint_dir("v2_236b", qk_rope_head_dim=16)
     eng = engine(d)
     for layer in eng.executor.runner.model.model.layers:
         layer.self_attn.mla_decode = paged_mla_decode

@@ -39,13 +39,17 @@ def paged_mla_decode(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetada
     return triton_mla_decode(q, cache, meta.block_tables[:B], meta.context_lens[:B], scale, latent_dim)
 
 
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
+MIN_DOT_K = 16  # tl.dot's smallest inner dimension; the kernel's dots run over the latent and the rope widths
+
+
+def kernel_takes(latent_dim: int, rope_dim: int) -> bool:
+    """Widths the kernel compiles for: powers of two (tl.arange) of at least MIN_DOT_K."""
+    return all(n >= MIN_DOT_K and n & (n - 1) == 0 for n in (latent_dim, rope_dim))
 
 
 def select_mla_decode(device: torch.device, dtype: torch.dtype, latent_dim: int, rope_dim: int) -> MLADecode:
     """The Triton kernel on CUDA where it compiles and agrees with the bmm form on a small case; else the bmms."""
-    if device.type != "cuda" or not (_power_of_two(latent_dim) and _power_of_two(rope_dim)):
+    if device.type != "cuda" or not kernel_takes(latent_dim, rope_dim):
         return torch_mla_decode
     try:
         g = torch.Generator(device="cpu").manual_seed(0)
