@@ -39,6 +39,7 @@ class MLAAttention(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.latent_dim, config.rms_norm_eps)
         self.kv_b_proj = nn.Linear(self.latent_dim, H * (self.nope_dim + self.v_dim), bias=False)
         self.kv_b_proj.weight.weight_loader = self._load_kv_b
+        self.kv_b_proj.packable = False  # the absorbed decode reads its weight as W_UK and W_UV
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=config.attention_bias)
         self.rotary = rotary
         self.scale = softmax_scale(qk_dim, config.rope)

@@ -1,0 +1,54 @@
+"""Linear weights prepacked for oneDNN (CPU, bfloat16): the same outputs as the plain layers, the same greedy
+tokens from the engine, and the layers whose weights are read directly or shared left alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.harness import engine, generate_tokens, random_prompts
+from workers.packed_linear import PackedLinear, pack_linears, packing_helps
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(not packing_helps(CPU, torch.bfloat16), reason="no oneDNN bf16 kernels here")
+
+
+def test_chosen_for_cpu_bf16_only():
+    assert not packing_helps(CPU, torch.float32)
+    assert not packing_helps(torch.device("cuda"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 5, 96)])  # a token, a batch, a leading batch dim
+def test_same_result_as_linear(shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
+    x = torch.randn(*shape, 96).to(torch.bfloat16)
+    got = PackedLinear(linear)(x)
+    assert got.shape == (*shape, 160) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-2, atol=1e-2)
+
+
+def test_pack_leaves_read_and_shared_weights(checkpoint_dir):
+    eng = engine(checkpoint_dir("llama_mha", tie_word_embeddings=True), dtype="bfloat16")
+    model = eng.executor.runner.model
+    assert type(model.lm_head) is nn.Linear  # tied to the embedding: packing would keep a second copy
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.layers[0].self_attn.o_proj, PackedLinear)
+
+    eng = engine(checkpoint_dir("v2_lite"), dtype="bfloat16")
+    model = eng.executor.runner.model
+    attn = model.model.layers[0].self_attn
+    assert type(attn.kv_b_proj) is nn.Linear  # the absorbed decode reads its weight
+    assert isinstance(attn.o_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+    assert pack_linears(model) == 0  # nothing left to pack
+
+
+@pytest.mark.parametrize("kind", ["v2_lite", "llama_mqa"])
+def test_engine_tokens_unchanged(checkpoint_dir, kind, monkeypatch):
+    d = checkpoint_dir(kind)
+    prompts = random_prompts([5, 40, 17], seed=3)
+    packed = generate_tokens(engine(d, dtype="bfloat16"), prompts)
+    monkeypatch.setattr("workers.model_runner.packing_helps", lambda *a: False)
+    plain_engine = engine(d, dtype="bfloat16")
+    assert not any(isinstance(m, PackedLinear) for m in plain_engine.executor.runner.model.modules())
+    assert packed == generate_tokens(plain_engine, prompts)
