@@ -13,9 +13,8 @@ from torch import nn
 
 def packing_helps(device: torch.device, dtype: torch.dtype) -> bool:
     """bf16 on a CPU whose oneDNN has bf16 kernels (float32 gains nothing here, and keeps torch's own GEMM)."""
-    mkldnn = getattr(torch.ops, "mkldnn", None)
     return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and mkldnn is not None and mkldnn._is_mkldnn_bf16_supported())
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
