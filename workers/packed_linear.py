@@ -7,6 +7,8 @@ as `F.linear` (both are oneDNN's kernel). `pack_linears` swaps them in after the
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import nn
 
@@ -20,7 +22,6 @@ def packing_helps(device: torch.device, dtype: torch.dtype) -> bool:
 class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())  # [N, K], oneDNN layout
         self.bias = linear.bias
 
@@ -32,14 +33,12 @@ def pack_linears(model: nn.Module) -> int:
     """Replaces each nn.Linear of the loaded model by a PackedLinear; returns how many. Left as they are: a layer
     marked `packable = False` (its weight is read directly) and one whose weight is shared (a tied lm_head: packing
     it would keep two copies)."""
-    names = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # a shared weight: 2+
     count = 0
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if (isinstance(child, nn.Linear) and getattr(child, "packable", True)
-                    and len(names[id(child.weight)]) == 1):
+                    and owners[id(child.weight)] == 1):
                 setattr(module, child_name, PackedLinear(child))
                 count += 1
     return count
