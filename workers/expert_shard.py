@@ -29,7 +29,7 @@ class ExpertShard(nn.Module):
             layer.mlp.experts = Experts(config, self.expert_ids, grouped_mm)
             self.model.layers[str(i)] = layer
 
-    def experts(self, layer: int) -> Experts:
+    def experts(self, layer: int) -> nn.Module:  # Experts, or PackedExperts once packed
         return self.model.layers[str(layer)].mlp.experts
 
     def weight_target(self, name: str) -> tuple[str, object]:

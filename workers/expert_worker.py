@@ -21,6 +21,8 @@ from workers.expert_placement import ExpertPlacement
 from workers.expert_shard import ExpertShard
 from workers.grouped_mm import select_grouped_mm
 from workers.loader import build_model
+from workers.packed_experts import pack_experts
+from workers.packed_linear import packing_helps
 from workers.parallel_groups import ParallelGroups
 
 
@@ -34,6 +36,8 @@ class ExpertWorker:
         checkpoint = None if config.random_weights else Checkpoint(Path(config.model))
         self.shard = build_model(ExpertShard, model_config, device, self.dtype, checkpoint, seed=config.seed,
                                  expert_ids=self.expert_ids, grouped_mm=select_grouped_mm(device, self.dtype))
+        if packing_helps(device, self.dtype):
+            pack_experts(self.shard)
         self.dispatcher = AllToAllDispatcher(groups, placement, device,
                                              stats=DispatchStats(model_config.n_routed_experts))
         self.empty = torch.empty(0, model_config.hidden_size, dtype=self.dtype, device=device)  # [0, D]

@@ -28,6 +28,7 @@ from workers.kv_cache import KVCache, bytes_per_token
 from workers.loader import build_model
 from workers.local_dispatcher import LocalDispatcher
 from workers.mla_decode import paged_mla_decode, select_mla_decode
+from workers.packed_experts import pack_experts
 from workers.packed_linear import pack_linears, packing_helps
 from workers.sampler import SampleResult, SampleRow, Sampler
 
@@ -177,7 +178,8 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, dispatcher: Di
                         mla_decode=select_mla_decode(device, dtype, model_config.kv_lora_rank,
                                                      model_config.qk_rope_head_dim))
     if packing_helps(device, dtype):
-        log.info("%d linear layers' weights prepacked for oneDNN", pack_linears(model))
+        log.info("%d linear layers' and %d expert groups' weights prepacked for oneDNN", pack_linears(model),
+                 pack_experts(model))
     max_len = config.model_len(model_config.max_position_embeddings)
     blocks_per_seq = -(-max_len // config.block_size)  # the widest block table
     if device.type == "cuda":

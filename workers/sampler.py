@@ -63,7 +63,7 @@ class Sampler:
         """logits [B, V] -> one token per row."""
         raw = logits.float()  # [B, V]
         logits = self._penalize(raw, rows) if any(r.params.has_penalties for r in rows) else raw
-        tokens = logits.argmax(dim=-1)  # [B]
+        tokens = logits.max(dim=-1).indices  # [B]: argmax's first-max index (its CPU kernel is ~3x slower)
         drawn = [i for i, r in enumerate(rows) if not r.params.greedy]
         if drawn:
             tokens[drawn] = self._draw(logits[drawn], [rows[i] for i in drawn])
