@@ -18,10 +18,13 @@ def reference(q, k, v, context_len, scale):
 
 @pytest.mark.parametrize("budget", [1 << 30, 4096])  # one SDPA call; many tiles of 256
 @pytest.mark.parametrize("kv_heads", [4, 1])
-def test_tiled_equals_reference(monkeypatch, budget, kv_heads):
+@pytest.mark.parametrize("dk,dv", [(24, 16), (16, 24), (16, 16)])  # MLA's keys are wider than its values
+@pytest.mark.parametrize("context", [1000, 300])  # a cached prefix before the queries; a fresh prompt
+def test_tiled_equals_reference(monkeypatch, budget, kv_heads, dk, dv, context):
     monkeypatch.setattr(ta, "SCORE_BUDGET", budget)
     torch.manual_seed(0)
-    C, Q, H = 1000, 300, 4
-    q, k, v = torch.randn(Q, H, 24), torch.randn(C, kv_heads, 24), torch.randn(C, kv_heads, 16)
+    C, Q, H = context, 300, 4
+    q, k, v = torch.randn(Q, H, dk), torch.randn(C, kv_heads, dk), torch.randn(C, kv_heads, dv)
     got = ta.tiled_attention(q, lambda a, b: (k[a:b], v[a:b]), C, 0.2)
+    assert got.shape == (Q, H, dv)
     torch.testing.assert_close(got, reference(q, k, v, C, 0.2), rtol=1e-5, atol=1e-5)

@@ -52,13 +52,21 @@ def tiled_attention(q: torch.Tensor, kv_tile: KVTile, context_len: int, scale: f
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
-    Q, C = q.shape[0], k.shape[0]
+    """One SDPA call over [Q, H, Dk] queries and [C, KVH, D] keys and values, as a 4-D batch of one: torch's
+    fused kernels take only 4-D inputs with one head dim (3-D, or MLA's 192-wide keys with 128-wide values, fall
+    to its unfused path, ~10x slower on CPU at 512 tokens). The narrower side is zero-padded, which changes no
+    score and no output column; the padding is sliced off."""
+    Q, C, Dk, Dv = q.shape[0], k.shape[0], q.shape[-1], v.shape[-1]
     mask = None
     if offset:
         rows = torch.arange(Q, device=q.device)[:, None] + offset
         mask = torch.arange(C, device=q.device)[None, :] <= rows  # [Q, C]
+    if Dv < Dk:
+        v = F.pad(v, (0, Dk - Dv))  # [C, KVH, Dk]
+    elif Dk < Dv:
+        q, k = F.pad(q, (0, Dv - Dk)), F.pad(k, (0, Dv - Dk))  # [Q, H, Dv], [C, KVH, Dv]
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
         is_causal=mask is None and Q > 1, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
-    )  # [H, Q, Dv]
-    return o.transpose(0, 1)
+    )  # [1, H, Q, max(Dk, Dv)]
+    return o[0, :, :, :Dv].transpose(0, 1)  # [Q, H, Dv]
