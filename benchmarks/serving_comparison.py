@@ -5,7 +5,8 @@
         [--dtype float32|bfloat16] [--stream-interval K] [--concurrency C ...]
 
 (make the vllm venv first: bash benchmarks/setup_vllm_cpu.sh). "moe-serve no Ray" is the same engine and HTTP app
-in one uvicorn process, for what Ray Serve's path costs. The model is offline_throughput.py's mini DeepSeek-V2 with
+in one uvicorn process, for what Ray Serve's path costs; "engine 1 CPU" gives the colocated model one torch thread
+and leaves the other core to Serve's processes. The model is offline_throughput.py's mini DeepSeek-V2 with
 the real MLA widths, float32 (--dtype: every server's). Each request: 32 random prompt token ids, 64 output tokens
 (ignore_eos, greedy), streamed a token per chunk (--stream-interval K: every server sends a chunk every K tokens). Each server starts in a fresh process and is stopped before the next starts; its bench
 JSON goes to the work dir, and a table of output tok/s and TTFT / TPOT p50 and p99 per concurrency is printed,
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.offline_throughput import PRELOAD, VLLM_ENV, VOCAB, make_checkpoint  # noqa: E402
+from cluster.malloc import tcmalloc  # noqa: E402
 
 LEVELS = [(1, 16), (16, 128), (64, 192)]  # (concurrency, requests)
 INPUT_LEN, OUTPUT_LEN = 32, 64
@@ -60,10 +62,17 @@ def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
     vllm = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
             "--served-model-name", "mini", "--dtype", dtype, "--enforce-eager", "--max-model-len", "4096",
             "--stream-interval", str(interval)]
+    # every server runs on tcmalloc where it is installed: `moe-serve up` preloads it into its Ray workers, the
+    # in-process server and vLLM get it here (vLLM's CPU backend asks for it)
+    lib = tcmalloc()
+    no_ray_env = {"LD_PRELOAD": lib} if lib else {}
     # colocated, the model runs in the engine replica: it reserves both cores, so Ray gives it two torch threads
-    # (OMP_NUM_THREADS = its CPUs), as vLLM's worker binds both; with 2+2 the worker actors hold the CPUs
+    # (OMP_NUM_THREADS = its CPUs), as vLLM's worker binds both; with one, the other core is left to Serve's proxy
+    # and Ingress (and the client); with 2+2 the worker actors hold the CPUs
     return {"moe-serve colocated": (up + ["--engine-cpus", "2"], {}),
-            "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port), dtype, str(interval)], {}),
+            "moe-serve colocated (engine 1 CPU)": (up + ["--engine-cpus", "1"], {}),
+            "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port), dtype, str(interval)],
+                                 no_ray_env),
             "moe-serve 2+2": (up[:4] + [str(work / "2x2.yaml")] + up[4:], {}),
             "vllm serve (eager)": (vllm, {**VLLM_ENV, "LD_PRELOAD": preload})}
 

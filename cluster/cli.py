@@ -175,7 +175,7 @@ UP_FIELDS = {  # `moe-serve up` flags -> the config fields they override
     "kv_cache_gib": "cache.kv_cache_gib", "no_prefix_caching": "cache.prefix_caching",
     "attention_workers": "topology.attention_workers", "expert_workers": "topology.expert_workers",
     "expert_placement": "topology.expert_placement", "micro_batches": "topology.micro_batches",
-    "engine_replicas": "replicas.engine", "engine_cpus": "resources.engine.cpus", "host": "server.host",
+    "engine_replicas": "replicas.engine", "engine_cpus": "resources.engine.cpus", "malloc": "resources.malloc", "host": "server.host",
     "http_port": "server.http_port", "grpc_port": "server.grpc_port", "api_key": "server.api_keys",
 }
 
@@ -221,7 +221,7 @@ def cmd_up(args) -> int:
     import ray
     from ray import serve
 
-    from cluster import grpc_bind
+    from cluster import grpc_bind, malloc
     from cluster.serve_app import build_serve_app, grpc_options
     from cluster.status_board import remove_board
 
@@ -230,9 +230,15 @@ def cmd_up(args) -> int:
     options = config.serve_options(model)
     server = config.server
     say(f"starting Ray ({args.address or 'local'}) ...")
-    # a Ray of our own gets the hook that binds Serve's gRPC proxy to the host (Serve has no option for it)
-    ray.init(address=args.address or "local", logging_level=logging.WARNING,
-             runtime_env=grpc_bind.runtime_env(server.host) if own_ray else None)
+    # a Ray of our own gets the hook that binds Serve's gRPC proxy to the host (Serve has no option for it), and
+    # its workers the allocator (on a cluster started elsewhere, the nodes' environment decides both)
+    runtime_env = None
+    if own_ray:
+        runtime_env = grpc_bind.runtime_env(server.host)
+        env, allocator = malloc.preload_env(config.resources.malloc)
+        runtime_env["env_vars"].update(env)
+        say(f"memory allocator of the workers: {allocator}")
+    ray.init(address=args.address or "local", logging_level=logging.WARNING, runtime_env=runtime_env)
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager's stop (even if started with
         signal.signal(sig, signal.default_int_handler)  # SIGINT ignored, as a background job is)
     try:
@@ -353,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--served-model-name", help="the model's name in the API (model.name)")
     u.add_argument("--engine-replicas", type=int, help="whole model instances behind the router (replicas.engine)")
     u.add_argument("--engine-cpus", type=float, help="Ray CPUs reserved per engine replica (resources.engine.cpus)")
+    u.add_argument("--malloc", choices=["tcmalloc", "system"],
+                   help="allocator of the Ray workers started here: tcmalloc where installed (resources.malloc)")
     u.add_argument("--host", help="address to listen on; 0.0.0.0 exposes the server (server.host)")
     u.add_argument("--http-port", type=int)
     u.add_argument("--grpc-port", type=int)

@@ -68,6 +68,7 @@ class Resources(Section):
     engine: WorkerResources = WorkerResources()  # each engine replica (it holds the model when colocated)
     attention_worker: WorkerResources = WorkerResources()
     expert_worker: WorkerResources = WorkerResources()
+    malloc: Literal["tcmalloc", "system"] = "tcmalloc"  # the allocator of the Ray workers `moe-serve up` starts
 
 
 class Cache(Section):

@@ -13,6 +13,7 @@ import grpc
 import httpx
 import psutil
 
+from cluster import malloc
 from proto import moe_serve_pb2 as pb
 from proto import moe_serve_pb2_grpc as pb_grpc
 from workers.multiproc_executor import free_port
@@ -56,6 +57,11 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path):
                     assert s.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
         ray_processes = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started
         assert any("raylet" in c.name() for c in ray_processes)
+        engine = [c for c in ray_processes if "EngineServer" in " ".join(c.cmdline())]
+        assert len(engine) == 1
+        if malloc.tcmalloc() and "LD_PRELOAD" not in os.environ:  # the default, where installed: in the replica
+            assert "memory allocator of the workers: tcmalloc" in out
+            assert any("tcmalloc" in m.path for m in engine[0].memory_maps())
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
