@@ -49,5 +49,6 @@ def weighted_sum(rows: torch.Tensor, order: torch.Tensor, topk_weights: torch.Te
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)  # [T*K] sorted row of each (token, k)
     unsorted = rows.index_select(0, inverse).view(T, K, rows.shape[1])  # [T, K, D]
-    # one fp32 bmm ([1, K] x [K, D] per token), not a [T, K, D] product and a sum: ~2x faster at a 2048-token prefill
+    # one fp32 bmm ([1, K] x [K, D] per token) instead of a [T, K, D] product and a sum: 1.7 vs 4.2 ms alone for
+    # 2048 tokens x 4 experts here
     return torch.bmm(topk_weights[:, None, :].float(), unsorted.float()).squeeze(1).to(rows.dtype)  # [T, D]
