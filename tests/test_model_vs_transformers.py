@@ -27,6 +27,24 @@ def test_logits_match_transformers(checkpoint_dir, kind):
         assert (got - want).abs().max().item() <= 1e-4 * scale, f"{kind}: prompt of {len(p)} tokens"
 
 
+@pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
+def test_mla_prefills_expanded_in_groups_match_transformers(checkpoint_dir, kind, monkeypatch):
+    """Short prefills share one kv_b_proj up to the budget; the rest go alone (here 7+33 together, 1 and 70 each
+    alone, 5+2 together)."""
+    d = checkpoint_dir(kind)
+    eng, ref = engine(d), hf_model(d)
+    attn = eng.executor.runner.model.model.layers[0].self_attn
+    per_token = attn.num_heads * (attn.nope_dim + attn.rope_dim + attn.v_dim)
+    monkeypatch.setattr("workers.mla_attention.SCORE_BUDGET", 40 * per_token)
+    assert [[p[3] for p in g] for g in attn._expansion_groups([(0, 0, n, n) for n in (7, 33, 1, 70, 5, 2)])] == \
+        [[7, 33], [1], [70], [5, 2]]
+    prompts = random_prompts([7, 33, 1, 70, 5, 2], seed=6)
+    ours, _ = prefill_logits(eng, prompts)
+    for p, got in zip(prompts, ours):
+        want = hf_logits(ref, p)
+        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), f"prompt of {len(p)} tokens"
+
+
 def test_greedy_32_tokens_identical(checkpoint_dir, kind):
     d = checkpoint_dir(kind)
     eng, ref = engine(d), hf_model(d)

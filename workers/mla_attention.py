@@ -3,12 +3,15 @@
 The cache holds, per token, the normalized latent c_kv [L] and the roped key k_pe [R]; keys and values are never
 cached expanded. kv_b_proj's rows are kept grouped as [all heads' W_UK | all heads' W_UV] (the checkpoint
 interleaves them per head), so each half is one contiguous [H, *, L] batch for the decode bmms. Prefill chunks
-expand their context through kv_b_proj a tile at a time (the "naive" form, see tiled_attention); decode uses the
+expand their context through kv_b_proj (the "naive" form, see tiled_attention): short ones together, up to the
+score budget's elements, and a long one a tile at a time; decode uses the
 weight-absorbed form, scoring queries directly against the latents and applying W_UV after attention. A step may
 mix both: its decode tokens come first in the flat batch.
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 from torch import nn
@@ -18,7 +21,7 @@ from workers.config import ModelConfig
 from workers.mla_decode import MLADecode, torch_mla_decode
 from workers.rms_norm import RMSNorm
 from workers.rotary_embedding import RotaryEmbedding, softmax_scale
-from workers.tiled_attention import tiled_attention
+from workers.tiled_attention import SCORE_BUDGET, tiled_attention
 
 
 class MLAAttention(nn.Module):
@@ -65,10 +68,32 @@ class MLAAttention(nn.Module):
         out = q_nope.new_empty(T, H, self.v_dim)  # [T, H, V]
         if nd:
             out[:nd] = self._decode_absorbed(q_nope[:nd], q_pe[:nd], cache, meta)
-        for i, start, qlen, clen in meta.prefills(first=nd):
-            q_i = torch.cat((q_nope[start : start + qlen], q_pe[start : start + qlen]), dim=-1)  # [q, H, N+R]
-            out[start : start + qlen] = tiled_attention(q_i, self._kv_tiles(meta.context(cache, i)), clen, self.scale)
+        for group in self._expansion_groups(list(meta.prefills(first=nd))):
+            contexts = [meta.context(cache, i) for i, _, _, _ in group]  # each [C, L+R]
+            if len(group) == 1:  # expanded a tile at a time, however long
+                tiles = [self._kv_tiles(contexts[0])]
+            else:  # short contexts: one kv_b_proj for the whole group
+                k, v = self._kv_tiles(torch.cat(contexts))(0, sum(map(len, contexts)))  # [ΣC, H, N+R], [ΣC, H, V]
+                starts = accumulate((len(c) for c in contexts), initial=0)
+                tiles = [kv_slices(k, v, first) for first in starts]
+            for (_, start, qlen, clen), kv_tile in zip(group, tiles):
+                q_i = torch.cat((q_nope[start : start + qlen], q_pe[start : start + qlen]), dim=-1)  # [q, H, N+R]
+                out[start : start + qlen] = tiled_attention(q_i, kv_tile, clen, self.scale)
         return self.o_proj(out.flatten(1))  # [T, D]
+
+    def _expansion_groups(self, prefills: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+        """Consecutive prefills whose contexts, expanded together, stay within the score budget's elements."""
+        per_token = self.num_heads * (self.nope_dim + self.rope_dim + self.v_dim)  # expanded k and v elements
+        groups, total = [], 0
+        for p in prefills:
+            clen = p[3]
+            if groups and total + clen * per_token <= SCORE_BUDGET:
+                groups[-1].append(p)
+                total += clen * per_token
+            else:
+                groups.append([p])
+                total = clen * per_token
+        return groups
 
     def _kv_tiles(self, entries: torch.Tensor):
         """Expands a tile of cached latents [C, L+R] into keys [C, H, N+R] and values [C, H, V]."""
@@ -104,3 +129,8 @@ class MLAAttention(nn.Module):
         q = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, L+R]
         o_latent = self.mla_decode(q, cache, meta, self.scale, self.latent_dim)  # [B, H, L]
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
+
+
+def kv_slices(k: torch.Tensor, v: torch.Tensor, first: int):
+    """A KVTile over one sequence's rows, from `first` on, of keys and values expanded for several."""
+    return lambda start, stop: (k[first + start : first + stop], v[first + start : first + stop])
