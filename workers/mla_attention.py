@@ -4,9 +4,9 @@ The cache holds, per token, the normalized latent c_kv [L] and the roped key k_p
 cached expanded. kv_b_proj's rows are kept grouped as [all heads' W_UK | all heads' W_UV] (the checkpoint
 interleaves them per head), so each half is one contiguous [H, *, L] batch for the decode bmms. Prefill chunks
 expand their context through kv_b_proj (the "naive" form, see tiled_attention): short ones together, up to the
-score budget's elements, and a long one a tile at a time; decode uses the
-weight-absorbed form, scoring queries directly against the latents and applying W_UV after attention. A step may
-mix both: its decode tokens come first in the flat batch.
+score budget's elements, and a long one a tile at a time; decode uses the weight-absorbed form, scoring queries
+directly against the latents and applying W_UV after attention. A step may mix both: its decode tokens come first
+in the flat batch.
 """
 
 from __future__ import annotations
