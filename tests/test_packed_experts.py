@@ -24,7 +24,7 @@ def test_same_result_as_experts(checkpoint_dir, monkeypatch):
     experts = model.model.layers[1].mlp.experts
     assert type(experts) is Experts
     E, D = len(experts.expert_ids), experts.w13.shape[-1]
-    counts = torch.tensor([3, 0, 1, 7] + [2] * (E - 4))  # an expert with no tokens, one with one
+    counts = torch.tensor([3, 0, 1, 21] + [2] * (E - 4))  # an expert with no tokens, one with one, 21 (padded)
     x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     got = PackedExperts(experts)(x, counts)
     assert got.shape == x.shape and got.dtype == torch.bfloat16

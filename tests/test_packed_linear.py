@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.harness import engine, generate_tokens, random_prompts
-from workers.packed_linear import PackedLinear, pack_linears, packing_helps
+from workers.packed_linear import EXACT_ROWS, PackedLinear, bucket_rows, pack_linears, packing_helps
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not packing_helps(CPU, torch.bfloat16), reason="no oneDNN bf16 kernels here")
@@ -18,7 +18,7 @@ def test_chosen_for_cpu_bf16_only():
     assert not packing_helps(torch.device("cuda"), torch.bfloat16)
 
 
-@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 5, 96)])  # a token, a batch, a leading batch dim
+@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 5, 96), (21, 96), (3, 50, 96)])  # 21 and 150 rows: padded
 def test_same_result_as_linear(shape):
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
@@ -26,6 +26,13 @@ def test_same_result_as_linear(shape):
     got = PackedLinear(linear)(x)
     assert got.shape == (*shape, 160) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-2, atol=1e-2)
+
+
+def test_row_buckets_few_and_tight():
+    sizes = [bucket_rows(m) for m in range(1, 8193)]
+    assert sizes[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))  # small batches run as they are
+    assert all(m <= b <= 1.25 * m for m, b in enumerate(sizes, start=1))
+    assert sizes == sorted(sizes) and len(set(sizes)) == 52  # 16 exact, then 4 per power of two up to 8192
 
 
 def test_pack_leaves_read_and_shared_weights(checkpoint_dir):

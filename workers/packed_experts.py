@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.experts import Experts
+from workers.packed_linear import packed_linear
 
 
 class PackedExperts(nn.Module):
@@ -31,17 +32,13 @@ class PackedExperts(nn.Module):
         groups = [(e, start, n) for e, (start, n) in enumerate(zip(accumulate(counts, initial=0), counts)) if n]
         gate_up = x.new_empty(x.shape[0], 2 * self.intermediate)  # [N, 2I]
         for e, start, n in groups:
-            gate_up[start : start + n] = linear(x[start : start + n], self.w13[e])
+            gate_up[start : start + n] = packed_linear(x[start : start + n], self.w13[e])
         gate, up = gate_up.split(self.intermediate, dim=-1)
         hidden = F.silu(gate) * up  # [N, I]
         out = x.new_empty(x.shape)  # [N, D]
         for e, start, n in groups:
-            out[start : start + n] = linear(hidden[start : start + n], self.w2[e])
+            out[start : start + n] = packed_linear(hidden[start : start + n], self.w2[e])
         return out
-
-
-def linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def pack_experts(model: nn.Module) -> int:

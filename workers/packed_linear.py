@@ -2,7 +2,9 @@
 
 torch's bf16 matmul on CPU reorders the weight on every call; reordered once, the model's projections run about
 2x faster on this machine (512 -> 3072: 118 -> 55 us at one token, 226 -> 131 us at 64), with the same result bits
-as `F.linear` (both are oneDNN's kernel). `pack_linears` swaps them in after the weights are loaded.
+as `F.linear` (both are oneDNN's kernel). `pack_linears` swaps them in after the weights are loaded. Inputs are
+padded to a few row counts (`bucket_rows`), so oneDNN builds its kernels for a handful of shapes, not for every
+token count the scheduler produces: served at concurrency 64, TTFT p50 ~300 instead of ~545 ms.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,7 +29,31 @@ class PackedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")  # [..., N]
+        rows = x.reshape(-1, x.shape[-1])  # [M, K]
+        out = packed_linear(rows, self.packed, self.bias)  # [M, N]
+        return out.view(*x.shape[:-1], out.shape[-1])  # [..., N]
+
+
+EXACT_ROWS = 16  # row counts up to this run unpadded
+
+
+def bucket_rows(m: int) -> int:
+    """m rounded up to one of four sizes per power of two (at most 25% more rows) above EXACT_ROWS. oneDNN builds
+    a kernel for each new input shape (~3 ms for a 512-wide layer here, against 0.3 ms to run it at 500 rows), and
+    a serving engine's token counts change step after step; bucketed, the kernels are built once and cached."""
+    if m <= EXACT_ROWS:
+        return m
+    step = 1 << ((m - 1).bit_length() - 3)  # (2^(b-1), 2^b] in steps of 2^(b-3)
+    return -(-m // step) * step
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] through a weight reordered by `_reorder_linear_weight`, its rows padded to their bucket -> [M, N]."""
+    M = x.shape[0]
+    padded = bucket_rows(M)
+    if padded != M:
+        x = F.pad(x, (0, 0, 0, padded - M))  # [padded, K], zero rows
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:M]  # [M, N]
 
 
 def pack_linears(model: nn.Module) -> int:
