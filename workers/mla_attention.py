@@ -59,7 +59,7 @@ class MLAAttention(nn.Module):
         T, H, L = x.shape[0], self.num_heads, self.latent_dim
         q = self._query(x).view(T, H, self.nope_dim + self.rope_dim)  # [T, H, N+R]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, N], [T, H, R]
-        q_pe = self.rotary(q_pe, cos, sin)
+        q_pe.copy_(self.rotary(q_pe, cos, sin))  # in place: q is now [q_nope | roped q_pe]
         kv = self.kv_a_proj_with_mqa(x)  # [T, L+R]
         latent = self.kv_a_layernorm(kv[:, :L])  # [T, L]
         k_pe = self.rotary(kv[:, None, L:], cos, sin)[:, 0]  # [T, R]
@@ -77,8 +77,7 @@ class MLAAttention(nn.Module):
                 starts = accumulate((len(c) for c in contexts), initial=0)
                 tiles = [kv_slices(k, v, first) for first in starts]
             for (_, start, qlen, clen), kv_tile in zip(group, tiles):
-                q_i = torch.cat((q_nope[start : start + qlen], q_pe[start : start + qlen]), dim=-1)  # [q, H, N+R]
-                out[start : start + qlen] = tiled_attention(q_i, kv_tile, clen, self.scale)
+                out[start : start + qlen] = tiled_attention(q[start : start + qlen], kv_tile, clen, self.scale)
         return self.o_proj(out.flatten(1))  # [T, D]
 
     def _expansion_groups(self, prefills: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
