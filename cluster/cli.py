@@ -175,7 +175,8 @@ UP_FIELDS = {  # `moe-serve up` flags -> the config fields they override
     "kv_cache_gib": "cache.kv_cache_gib", "no_prefix_caching": "cache.prefix_caching",
     "attention_workers": "topology.attention_workers", "expert_workers": "topology.expert_workers",
     "expert_placement": "topology.expert_placement", "micro_batches": "topology.micro_batches",
-    "engine_replicas": "replicas.engine", "engine_cpus": "resources.engine.cpus", "malloc": "resources.malloc", "host": "server.host",
+    "engine_replicas": "replicas.engine", "engine_cpus": "resources.engine.cpus", "malloc": "resources.malloc",
+    "host": "server.host",
     "http_port": "server.http_port", "grpc_port": "server.grpc_port", "api_key": "server.api_keys",
 }
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.experts import Experts
-from workers.packed_linear import packed_linear
+from workers.packed_linear import packed_linear, replace_modules
 
 
 class PackedExperts(nn.Module):
@@ -43,10 +43,4 @@ class PackedExperts(nn.Module):
 
 def pack_experts(model: nn.Module) -> int:
     """Replaces each Experts module of the loaded model by a PackedExperts; returns how many."""
-    count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, Experts):
-                setattr(module, name, PackedExperts(child))
-                count += 1
-    return count
+    return replace_modules(model, lambda m: isinstance(m, Experts), PackedExperts)

@@ -61,11 +61,16 @@ def pack_linears(model: nn.Module) -> int:
     marked `packable = False` (its weight is read directly) and one whose weight is shared (a tied lm_head: packing
     it would keep two copies)."""
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # a shared weight: 2+
+    return replace_modules(model, lambda m: (isinstance(m, nn.Linear) and getattr(m, "packable", True)
+                                             and owners[id(m.weight)] == 1), PackedLinear)
+
+
+def replace_modules(model: nn.Module, wanted, build) -> int:
+    """Swaps every submodule m for which wanted(m) holds by build(m); returns how many."""
     count = 0
     for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if (isinstance(child, nn.Linear) and getattr(child, "packable", True)
-                    and owners[id(child.weight)] == 1):
-                setattr(module, child_name, PackedLinear(child))
+        for name, child in list(module.named_children()):
+            if wanted(child):
+                setattr(module, name, build(child))
                 count += 1
     return count
