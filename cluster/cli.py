@@ -176,7 +176,7 @@ UP_FIELDS = {  # `moe-serve up` flags -> the config fields they override
     "attention_workers": "topology.attention_workers", "expert_workers": "topology.expert_workers",
     "expert_placement": "topology.expert_placement", "micro_batches": "topology.micro_batches",
     "engine_replicas": "replicas.engine", "engine_cpus": "resources.engine.cpus", "malloc": "resources.malloc",
-    "host": "server.host",
+    "host": "server.host", "ingress": "server.ingress",
     "http_port": "server.http_port", "grpc_port": "server.grpc_port", "api_key": "server.api_keys",
 }
 
@@ -214,11 +214,20 @@ def cmd_up(args) -> int:
         say(f"note: {model} is not on this machine; its checkpoint is checked where the replicas load it")
         plan = None
 
+    from cluster.direct_ingress import direct_ingress_env, proxy_ports
     from cluster.serve_app import SERVE_ENV
 
+    server = config.server
+    direct = server.ingress == "direct"
+    if direct and not own_ray:
+        raise config.error("server.ingress", "direct is set up in the Ray that `moe-serve up` starts; on a cluster "
+                           "started elsewhere use proxy (or start its nodes with Serve's direct ingress variables, "
+                           "cluster/direct_ingress.py)")
     if own_ray:  # for the Ray we start (its processes take our environment), unless set otherwise
         for name, value in SERVE_ENV.items():
             os.environ.setdefault(name, value)
+    if direct:  # the ports must be the server's: these are not left to the environment
+        os.environ.update(direct_ingress_env(server.http_port, server.grpc_port, config.replicas.router))
     import ray
     from ray import serve
 
@@ -229,7 +238,6 @@ def cmd_up(args) -> int:
     if plan is not None:
         print(plan.describe(), flush=True)
     options = config.serve_options(model)
-    server = config.server
     say(f"starting Ray ({args.address or 'local'}) ...")
     # a Ray of our own gets the hook that binds Serve's gRPC proxy to the host (Serve has no option for it), and
     # its workers the allocator (on a cluster started elsewhere, the nodes' environment decides both)
@@ -243,12 +251,13 @@ def cmd_up(args) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager's stop (even if started with
         signal.signal(sig, signal.default_int_handler)  # SIGINT ignored, as a background job is)
     try:
-        serve.start(http_options={"host": server.host, "port": server.http_port},
-                    grpc_options=grpc_options(server.grpc_port))
+        http_port, grpc_port = proxy_ports(server.host) if direct else (server.http_port, server.grpc_port)
+        serve.start(http_options={"host": server.host, "port": http_port}, grpc_options=grpc_options(grpc_port))
         say(f"deploying '{options.model_name}'; waiting for {options.initial_replicas} engine replica(s) to load "
             f"{model} ...")
         serve.run(build_serve_app(options), name="moe-serve", route_prefix="/")
-        say(f"serving '{options.model_name}'\n"
+        listener = "the Ingress replica, direct" if direct else "Serve's proxy"
+        say(f"serving '{options.model_name}' ({listener} on the ports)\n"
             f"  HTTP (OpenAI-compatible): http://{server.host}:{server.http_port}/v1\n"
             f"  gRPC (moe_serve.v1.MoeServe): {server.host}:{server.grpc_port}\n"
             f"`moe-serve status` shows the replicas (Ray at {ray.get_runtime_context().gcs_address}); "
@@ -363,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--malloc", choices=["tcmalloc", "system"],
                    help="allocator of the Ray workers started here: tcmalloc where installed (resources.malloc)")
     u.add_argument("--host", help="address to listen on; 0.0.0.0 exposes the server (server.host)")
+    u.add_argument("--ingress", choices=["proxy", "direct"],
+                   help="who listens on the ports: Serve's proxy, or the Ingress replicas directly (server.ingress)")
     u.add_argument("--http-port", type=int)
     u.add_argument("--grpc-port", type=int)
     u.add_argument("--address", default=None,

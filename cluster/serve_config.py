@@ -104,6 +104,9 @@ class Server(Section):
     http_port: int = Field(8000, ge=0, le=65535)
     grpc_port: int = Field(9000, ge=0, le=65535)
     api_keys: list[str] = []  # require 'Authorization: Bearer KEY'
+    # proxy: Serve's proxy listens on the ports and hands each request to an Ingress replica; direct: the Ingress
+    # replicas listen on them themselves, one hop less (cluster/direct_ingress.py; a Ray `moe-serve up` starts)
+    ingress: Literal["proxy", "direct"] = "proxy"
 
 
 class ServeConfig(Section):
@@ -155,6 +158,19 @@ class ServeConfig(Section):
             raise self.error("replicas.engine", "give a fixed count or autoscaling bounds, not both")
         if self.model.shapes is not None and not Path(self.model.shapes, "config.json").is_file():
             raise self.error("model.shapes", f"no config.json in {self.model.shapes}")
+        if self.server.ingress == "direct":
+            self.check_direct_ports()
+
+    def check_direct_ports(self) -> None:
+        """Direct ingress: each node's Ingress replicas take the ports from http_port and from grpc_port, one each."""
+        s, n = self.server, self.replicas.router
+        for name in ("http_port", "grpc_port"):
+            if not 0 < getattr(s, name) <= 65536 - n:
+                raise self.error(f"server.{name}", f"direct ingress needs {n} port(s) from it; give a port "
+                                 f"from 1 to {65536 - n}")
+        if abs(s.http_port - s.grpc_port) < n:
+            raise self.error("server.grpc_port", f"direct ingress takes {n} port(s) from http_port {s.http_port} and "
+                             f"from grpc_port {s.grpc_port}; they overlap: move one")
 
     def model_shapes(self) -> ModelConfig | None:
         """The model's shapes: the checkpoint's config.json, else `shapes`; None when neither is here."""

@@ -91,6 +91,10 @@ def test_an_impossible_plan_is_refused_with_the_plan(tmp_path, yaml_text, messag
     ("autoscaling: {max_replicas: 2}\nreplicas: {engine: 2}\n", "replicas.engine", "not both"),
     ("autoscaling: {min_replicas: 2}\n", "autoscaling.max_replicas", "required"),
     ("model: {shapes: nowhere}\n", "model.shapes", "no config.json in"),
+    ("server: {ingress: haproxy}\n", "server.ingress", "'proxy' or 'direct'"),
+    ("server: {ingress: direct, http_port: 0}\n", "server.http_port", "direct ingress needs 1 port(s) from it"),
+    ("server: {ingress: direct, http_port: 8000, grpc_port: 8001}\nreplicas: {router: 2}\n", "server.grpc_port",
+     "they overlap"),
 ])
 def test_bad_config_names_file_and_field(tmp_path, yaml_text, field, message):
     path = tmp_path / "bad.yaml"
@@ -129,6 +133,11 @@ def test_up_reports_a_bad_config_before_starting_anything(capsys):
     path = str(ROOT / "configs/deepseek-coder-6.7b-1gpu.yaml")
     assert main(["up", path, "--expert-workers", "2"]) == 2
     assert f"{path}: topology.expert_workers: the model is dense" in capsys.readouterr().err
+
+
+def test_direct_ingress_needs_the_ray_that_up_starts(capsys):
+    assert main(["up", "--ingress", "direct", "--address", "auto"]) == 2
+    assert "server.ingress: direct is set up in the Ray that `moe-serve up` starts" in capsys.readouterr().err
 
 
 def test_serve_import_path_takes_a_config(tmp_path, checkpoint_dir):

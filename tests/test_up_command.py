@@ -1,6 +1,6 @@
 """`moe-serve up` with no arguments, as a user runs it: it makes the embedded default model, serves it, answers a
 first real request over HTTP and prints it, serves others over HTTP and gRPC, on loopback only, and Ctrl-C stops it
-cleanly."""
+cleanly. With `--ingress direct`, the same, with the Ingress replica itself (not Serve's proxy) on the ports."""
 
 import os
 import signal
@@ -12,6 +12,7 @@ import time
 import grpc
 import httpx
 import psutil
+import pytest
 
 from cluster import malloc
 from proto import moe_serve_pb2 as pb
@@ -19,11 +20,12 @@ from proto import moe_serve_pb2_grpc as pb_grpc
 from workers.multiproc_executor import free_port
 
 
-def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("ingress", ["proxy", "direct"])
+def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path, ingress):
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--http-port", str(http_port),
-                             "--grpc-port", str(grpc_port)], env=env, stdout=subprocess.PIPE,
+                             "--grpc-port", str(grpc_port), "--ingress", ingress], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
@@ -47,10 +49,13 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path):
                                                                              ignore_eos=True)),
                 metadata=[("application", "moe-serve")]))
         assert sum(len(m.token_ids) for m in replies) == 5
+        listener = {"proxy": "ProxyActor", "direct": "ServeReplica:moe-serve:Ingress"}[ingress]
         for port in (http_port, grpc_port):  # both doors on loopback, not on the machine's other addresses
-            listening = [c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and
-                         c.laddr.port == port]
+            sockets = [c for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port]
+            listening = [c.laddr.ip for c in sockets]
             assert listening and set(listening) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, (port, listening)
+            owners = {" ".join(psutil.Process(c.pid).cmdline()) for c in sockets}
+            assert all(listener in owner for owner in owners), (port, owners)
             for address in {a.address for nic in psutil.net_if_addrs().values() for a in nic
                             if a.family == socket.AF_INET and not a.address.startswith("127.")}:
                 with socket.socket() as s:
