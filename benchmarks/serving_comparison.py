@@ -22,6 +22,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,13 +111,45 @@ def run_server(name: str, cmd: list[str], env: dict, port: int, out: Path, level
                             "--token-range", "2", str(VOCAB), "--out", str(result)], check=True)
             runs += json.loads(result.read_text())["runs"]
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+        wait_group_gone(proc.pid)
+        wait_port_free(port)
     return runs
+
+
+def wait_group_gone(pgid: int, timeout: float = 60) -> None:
+    """Until every process of the stopped server's group (its Ray's too) has exited; killed after the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            os.killpg(pgid, signal.SIGKILL)
+            deadline = float("inf")
+        time.sleep(0.5)
+
+
+def wait_port_free(port: int, timeout: float = 60) -> None:
+    """Until the next server can listen on the port: a stopped server's Ray workers may still hold it a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: past TIME_WAIT connections
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"port {port} still in use {timeout:.0f} s after its server stopped") from None
+        time.sleep(0.5)
 
 
 def main() -> int:

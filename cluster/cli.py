@@ -214,7 +214,7 @@ def cmd_up(args) -> int:
         say(f"note: {model} is not on this machine; its checkpoint is checked where the replicas load it")
         plan = None
 
-    from cluster.direct_ingress import direct_ingress_env, proxy_ports
+    from cluster.direct_ingress import direct_ingress_env, proxy_ports, wait_until_bindable
     from cluster.serve_app import SERVE_ENV
 
     server = config.server
@@ -228,6 +228,12 @@ def cmd_up(args) -> int:
             os.environ.setdefault(name, value)
     if direct:  # the ports must be the server's: these are not left to the environment
         os.environ.update(direct_ingress_env(server.http_port, server.grpc_port, config.replicas.router))
+        try:
+            waited = wait_until_bindable(server.host, server.http_port)
+        except OSError as e:
+            raise config.error("server.http_port", str(e)) from None
+        if waited > 1:
+            say(f"waited {waited:.0f} s for port {server.http_port}: a server stopped there just before")
     import ray
     from ray import serve
 

@@ -14,6 +14,7 @@ Serve reads these variables as its processes start, so they hold only for a Ray 
 from __future__ import annotations
 
 import socket
+import time
 
 
 def direct_ingress_env(http_port: int, grpc_port: int, router_replicas: int) -> dict[str, str]:
@@ -39,3 +40,29 @@ def proxy_ports(host: str) -> tuple[int, int]:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host.strip("[]"), 0))
         return 0, s.getsockname()[1]
+
+
+def wait_until_bindable(host: str, port: int, timeout_s: float = 90.0) -> float:
+    """Waits until Serve's direct HTTP server can bind the port, returns the seconds waited. Serve binds without
+    SO_REUSEADDR, so a server stopped moments ago on the port blocks it while its closed connections sit in
+    TIME_WAIT (up to a minute; the proxy binds with SO_REUSEPORT, which passes them). A process listening there is
+    an error at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = (host.strip("[]"), port)
+    reach = ("::1" if family == socket.AF_INET6 else "127.0.0.1") if host in ("0.0.0.0", "::") else address[0]
+    t0 = time.monotonic()
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(address)
+                return time.monotonic() - t0
+            except OSError as e:
+                error = e
+        with socket.socket(family, socket.SOCK_STREAM) as client:
+            client.settimeout(2)
+            if client.connect_ex((reach, port)) == 0:
+                raise OSError(f"port {port} on {host} is in use ({error.strerror}): something listens there; stop "
+                              "it or give another port")
+        if time.monotonic() - t0 > timeout_s:
+            raise OSError(f"port {port} on {host} is still held by closed connections after {timeout_s:.0f} s")
+        time.sleep(0.5)
