@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.offline_throughput import PRELOAD, VLLM_ENV, VOCAB, make_checkpoint  # noqa: E402
+from cluster.direct_ingress import wait_until_bindable  # noqa: E402
 from cluster.malloc import tcmalloc  # noqa: E402
 
 LEVELS = [(1, 16), (16, 128), (64, 192)]  # (concurrency, requests)
@@ -119,7 +119,7 @@ def run_server(name: str, cmd: list[str], env: dict, port: int, out: Path, level
                 os.killpg(proc.pid, signal.SIGKILL)
         log.close()
         wait_group_gone(proc.pid)
-        wait_port_free(port)
+        wait_until_bindable("127.0.0.1", port, timeout_s=60)  # as the next server binds it
     return runs
 
 
@@ -134,21 +134,6 @@ def wait_group_gone(pgid: int, timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             os.killpg(pgid, signal.SIGKILL)
             deadline = float("inf")
-        time.sleep(0.5)
-
-
-def wait_port_free(port: int, timeout: float = 60) -> None:
-    """Until the next server can listen on the port: a stopped server's Ray workers may still hold it a while."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: past TIME_WAIT connections
-            try:
-                s.bind(("127.0.0.1", port))
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"port {port} still in use {timeout:.0f} s after its server stopped") from None
         time.sleep(0.5)
 
 

@@ -43,10 +43,9 @@ def proxy_ports(host: str) -> tuple[int, int]:
 
 
 def wait_until_bindable(host: str, port: int, timeout_s: float = 90.0) -> float:
-    """Waits until Serve's direct HTTP server can bind the port, returns the seconds waited. Serve binds without
-    SO_REUSEADDR, so a server stopped moments ago on the port blocks it while its closed connections sit in
-    TIME_WAIT (up to a minute; the proxy binds with SO_REUSEPORT, which passes them). A process listening there is
-    an error at once."""
+    """Waits until the port can be bound as Serve's direct HTTP server binds it (no SO_REUSEADDR), returns the
+    seconds waited. A port held with nothing listening (a server stopped just before, its sockets not yet gone) is
+    waited for; a process listening there is an error at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     address = (host.strip("[]"), port)
     reach = ("::1" if family == socket.AF_INET6 else "127.0.0.1") if host in ("0.0.0.0", "::") else address[0]
