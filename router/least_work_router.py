@@ -5,13 +5,21 @@ A call naming a replica (`replica=`, its unique id) goes there only. A request w
 otherwise to the replica with the least work: the tokens it still has to compute (prompts left to prefill plus
 tokens left to generate, as it last reported through `record_routing_stats`), plus what this router has sent it
 since, then its KV usage. The work sent since the report counts until the request completes, so a burst of
-requests spreads out without waiting for the next report. A replica whose engine has stopped (its rebuild failed;
-Serve replaces it after its health check) gets nothing while another is up.
+requests spreads out without waiting for the next report. Serve routes many requests at once, and awaits between
+a choice and the routing (it probes the replica's queue); so a choice reserves the request's work on the replica it
+ranks first at once, and the choices made meanwhile see it (without that, a c64 load put all 64 requests on one of
+two replicas at times). The routing moves the work to whichever replica took the request; a reservation never
+routed (its client left) lapses after RESERVATION_S. A replica whose engine has stopped (its rebuild failed; Serve
+replaces it after its health check) gets nothing while another is up.
 """
 
 from __future__ import annotations
 
+import time
+
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+RESERVATION_S = 10.0  # a choice's reservation counts this long unless the request is routed
 
 
 class LeastWorkRouter(RequestRouter):
@@ -19,6 +27,7 @@ class LeastWorkRouter(RequestRouter):
         self.session_replica: dict[str, ReplicaID] = {}
         self.sent: dict[ReplicaID, int] = {}  # work routed to each replica and not yet completed
         self.in_flight: dict[str, tuple[ReplicaID, int]] = {}  # internal request id -> (replica, work)
+        self.reserved: dict[str, tuple[ReplicaID, int, float]] = {}  # chosen, not yet routed: (replica, work, until)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -32,16 +41,31 @@ class LeastWorkRouter(RequestRouter):
             if mine:
                 return [mine]
         alive = [r for r in candidate_replicas if (r.routing_stats or {}).get("alive", True)] or candidate_replicas
-        return [[r] for r in sorted(alive, key=self.load)]
+        ranked = sorted(alive, key=self.load)
+        self.reserve(pending_request, ranked[0].replica_id)
+        return [[r] for r in ranked]
 
     def load(self, replica: RunningReplica) -> tuple[int, float]:
         stats = replica.routing_stats or {}
-        return stats.get("outstanding_tokens", 0) + self.sent.get(replica.replica_id, 0), stats.get("kv_usage", 0.0)
+        work = stats.get("outstanding_tokens", 0) + self.sent.get(replica.replica_id, 0)
+        return work + self.reserved_on(replica.replica_id), stats.get("kv_usage", 0.0)
+
+    def reserve(self, pending: PendingRequest | None, replica_id: ReplicaID) -> None:
+        work = work_of(pending) if pending is not None else 0
+        if work:
+            self.reserved[pending.metadata.internal_request_id] = (replica_id, work, time.monotonic() + RESERVATION_S)
+
+    def reserved_on(self, replica_id: ReplicaID) -> int:
+        now = time.monotonic()
+        for rid in [rid for rid, (_, _, until) in self.reserved.items() if until < now]:
+            del self.reserved[rid]
+        return sum(work for replica, work, _ in self.reserved.values() if replica == replica_id)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         session_id = session_of(pending_request)
         if session_id:
             self.session_replica[session_id] = replica_id
+        self.reserved.pop(pending_request.metadata.internal_request_id, None)
         work = work_of(pending_request)
         if work:
             self.sent[replica_id] = self.sent.get(replica_id, 0) + work
@@ -58,6 +82,8 @@ class LeastWorkRouter(RequestRouter):
         for session_id in [s for s, r in self.session_replica.items() if r == replica_id]:
             del self.session_replica[session_id]  # their next turn rebuilds the history elsewhere
         self.sent.pop(replica_id, None)
+        for rid in [rid for rid, (replica, _, _) in self.reserved.items() if replica == replica_id]:
+            del self.reserved[rid]
 
 
 def replica_of(pending: PendingRequest | None) -> str | None:

@@ -91,20 +91,6 @@ def test_a_sink_ends_once():
     assert finished and len(batch) == 3
 
 
-@pytest.mark.parametrize("target,chosen", [("r2", ["r2"]), ("gone", [])])
-def test_least_work_router_sends_a_call_naming_a_replica_there_only(target, chosen):
-    from types import SimpleNamespace
-
-    from router.least_work_router import LeastWorkRouter
-
-    router = LeastWorkRouter.__new__(LeastWorkRouter)
-    router.initialize_state()
-    replicas = [SimpleNamespace(replica_id=SimpleNamespace(unique_id=u), routing_stats={}) for u in ("r1", "r2")]
-    pending = SimpleNamespace(kwargs={"replica": target})
-    got = asyncio.run(router.choose_replicas(replicas, pending))
-    assert [[r.replica_id.unique_id for r in group] for group in got] == [chosen]
-
-
 def serving(core):
     """An EngineServer over the fake engine, without Serve around it."""
     from cluster.engine_server import EngineServer
