@@ -7,7 +7,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.harness import engine, generate_tokens, random_prompts
-from workers.packed_linear import EXACT_ROWS, PackedLinear, bucket_rows, pack_linears, packing_helps
+from workers import packed_linear
+from workers.packed_linear import (
+    EXACT_ROWS,
+    PackedLinear,
+    bucket_rows,
+    pack_linears,
+    packing_helps,
+    row_buckets,
+    warm_up,
+)
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not packing_helps(CPU, torch.bfloat16), reason="no oneDNN bf16 kernels here")
@@ -33,6 +42,33 @@ def test_row_buckets_few_and_tight():
     assert sizes[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))  # small batches run as they are
     assert all(m <= b <= 1.25 * m for m, b in enumerate(sizes, start=1))
     assert sizes == sorted(sizes) and len(set(sizes)) == 52  # 16 exact, then 4 per power of two up to 8192
+
+
+def test_warm_up_runs_each_distinct_shape_once_at_every_row_bucket(monkeypatch):
+    from workers.experts import Experts
+    from workers.packed_experts import PackedExperts
+
+    def linear(k, n, bias=False):
+        return PackedLinear(nn.Linear(k, n, bias=bias).to(torch.bfloat16))
+
+    experts = Experts.__new__(Experts)  # two experts of hidden 64, intermediate 32: w13 [64, 64], w2 [64, 32]
+    nn.Module.__init__(experts)
+    experts.expert_ids, experts.intermediate = [0, 1], 32
+    experts.w13, experts.w2 = torch.randn(2, 64, 64).bfloat16(), torch.randn(2, 64, 32).bfloat16()
+    model = nn.ModuleList([linear(64, 96), linear(64, 96), linear(64, 96, bias=True), linear(96, 64),
+                           PackedExperts(experts)])
+    runs = []
+    real = packed_linear.packed_linear
+    monkeypatch.setattr(packed_linear, "packed_linear",
+                        lambda x, w, b=None: runs.append((x.shape[0], x.shape[1], w.shape[0], b is not None))
+                        or real(x, w, b))
+    assert warm_up(model, 100) == len(runs)
+    shapes = {(64, 96, False), (64, 96, True), (96, 64, False), (64, 64, False), (32, 64, False)}  # (K, N, bias)
+    assert sorted(runs) == sorted((rows, *shape) for rows in row_buckets(100) for shape in shapes)
+    assert row_buckets(100) == [*range(1, 17), 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112]  # 100 pads to 112
+    runs.clear()
+    warm_up(model, 4096)
+    assert max(rows for rows, *_ in runs) == packed_linear.WARM_ROWS  # above it a call's work dwarfs its kernel's
 
 
 def test_pack_leaves_read_and_shared_weights(checkpoint_dir):

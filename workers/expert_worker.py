@@ -22,7 +22,7 @@ from workers.expert_shard import ExpertShard
 from workers.grouped_mm import select_grouped_mm
 from workers.loader import build_model
 from workers.packed_experts import pack_experts
-from workers.packed_linear import packing_helps
+from workers.packed_linear import packing_helps, warm_up
 from workers.parallel_groups import ParallelGroups
 
 
@@ -38,6 +38,7 @@ class ExpertWorker:
                                  expert_ids=self.expert_ids, grouped_mm=select_grouped_mm(device, self.dtype))
         if packing_helps(device, self.dtype):
             pack_experts(self.shard)
+            warm_up(self.shard, config.max_num_batched_tokens)  # an expert's rows: at most a step's tokens
         self.dispatcher = AllToAllDispatcher(groups, placement, device,
                                              stats=DispatchStats(model_config.n_routed_experts))
         self.empty = torch.empty(0, model_config.hidden_size, dtype=self.dtype, device=device)  # [0, D]

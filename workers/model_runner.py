@@ -29,7 +29,7 @@ from workers.loader import build_model
 from workers.local_dispatcher import LocalDispatcher
 from workers.mla_decode import paged_mla_decode, select_mla_decode
 from workers.packed_experts import pack_experts
-from workers.packed_linear import pack_linears, packing_helps
+from workers.packed_linear import pack_linears, packing_helps, warm_up
 from workers.sampler import SampleResult, SampleRow, Sampler
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,10 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, dispatcher: Di
     if packing_helps(device, dtype):
         log.info("%d linear layers' and %d expert groups' weights prepacked for oneDNN", pack_linears(model),
                  pack_experts(model))
+        t0 = time.perf_counter()
+        kernels = warm_up(model, config.max_num_batched_tokens)  # a step's rows: at most its tokens
+        log.info("%d oneDNN kernels built in %.1f s (each packed shape at each row bucket)", kernels,
+                 time.perf_counter() - t0)
     max_len = config.model_len(model_config.max_position_embeddings)
     blocks_per_seq = -(-max_len // config.block_size)  # the widest block table
     if device.type == "cuda":

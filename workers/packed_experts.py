@@ -26,6 +26,11 @@ class PackedExperts(nn.Module):
         self.w13 = [reorder(w) for w in experts.w13.detach()]  # E_local × [gate|up, D], oneDNN layout
         self.w2 = [reorder(w) for w in experts.w2.detach()]  # E_local × [D, I], oneDNN layout
 
+    @property
+    def packed_weights(self) -> list[torch.Tensor]:
+        """Each expert's reordered weights ([N, K] each), for `packed_linear.warm_up`."""
+        return [*self.w13, *self.w2]
+
     def forward(self, x: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         """x [N, D] sorted by local expert, tokens_per_expert [E_local] -> [N, D] (as `Experts`)."""
         counts = tokens_per_expert.tolist()
