@@ -41,6 +41,9 @@ class LeastWorkRouter(RequestRouter):
             if mine:
                 return [mine]
         alive = [r for r in candidate_replicas if (r.routing_stats or {}).get("alive", True)] or candidate_replicas
+        now = time.monotonic()
+        for rid in [rid for rid, (_, _, until) in self.reserved.items() if until < now]:
+            del self.reserved[rid]  # lapsed: never routed
         ranked = sorted(alive, key=self.load)
         self.reserve(pending_request, ranked[0].replica_id)
         return [[r] for r in ranked]
@@ -56,9 +59,6 @@ class LeastWorkRouter(RequestRouter):
             self.reserved[pending.metadata.internal_request_id] = (replica_id, work, time.monotonic() + RESERVATION_S)
 
     def reserved_on(self, replica_id: ReplicaID) -> int:
-        now = time.monotonic()
-        for rid in [rid for rid, (_, _, until) in self.reserved.items() if until < now]:
-            del self.reserved[rid]
         return sum(work for replica, work, _ in self.reserved.values() if replica == replica_id)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
