@@ -31,8 +31,8 @@ def paged_engine(model_dir, graphs_up_to: int | None = None):
 
 def test_padded_graph_steps_match_eager(checkpoint_dir):
     """Five sequences ending at different steps: decode batches of 5 (more than the graphs hold: eager), 4 (exact),
-    3 (padded to 4), 2 and 1. Tokens and every sequence's cache entries match the eager engine's; the padding rows
-    wrote to the pad block only."""
+    3 (padded to 4), 2 and 1. Tokens, every sequence's cache entries and the experts' routing counts match the eager
+    engine's; the padding rows wrote to the pad block only."""
     d = checkpoint_dir("v2_236b", qk_rope_head_dim=16)  # the kernel's smallest dot
     eager, graphed = paged_engine(d), paged_engine(d, graphs_up_to=4)
     replays = []
@@ -48,6 +48,10 @@ def test_padded_graph_steps_match_eager(checkpoint_dir):
     for x, y in zip(a.layers, b.layers):
         torch.testing.assert_close(y[: b.num_blocks], x[: a.num_blocks], rtol=1e-5, atol=1e-5)
     assert b.layers[0][b.pad_block].abs().sum() > 0  # the padding rows' entries went there
+    # the routing stats count the real rows only, as the eager engine's do
+    sent = [e.executor.runner.model.dispatcher.stats.as_dict()["sent"] for e in (eager, graphed)]
+    assert sent[1] == sent[0] and sum(map(sum, sent[0].values())) > 0
+    assert graphed.executor.runner.model.dispatcher.stats.counted_rows is None  # set only within a padded pass
 
 
 def test_graph_logits_match_eager_logits(checkpoint_dir):

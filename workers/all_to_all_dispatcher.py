@@ -41,6 +41,9 @@ class DispatchStats:
         self.received: dict[int, torch.Tensor] = {}  # layer -> [E] copies this rank's experts computed
         self.dispatch_s = 0.0
         self.combine_s = 0.0
+        # [>= T] 1 for each row to count, 0 for a padding row (DecodeGraphs sets it for its padded passes); None
+        # counts every row
+        self.counted_rows: torch.Tensor | None = None
 
     def as_dict(self) -> dict:
         return {"dispatch_s": self.dispatch_s, "combine_s": self.combine_s,

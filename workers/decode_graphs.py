@@ -10,7 +10,8 @@ Only a forward pass that never reads back to the host can be captured: MLA decod
 (`paged_mla_decode`), the local dispatcher and torch._grouped_mm on its native path (bf16 on Hopper; elsewhere it
 falls back to a loop that reads the group sizes back). A warm-up with CUDA's sync check on finds a read-back before
 anything is captured. `build_runner` captures on CUDA only; `capture=False` runs the same padded static-buffer pass
-eagerly (how it is tested on CPU). The padding rows are counted in the experts' routing stats.
+eagerly (how it is tested on CPU). The experts' routing stats count the real rows only: a fifth input row marks
+them, and the local dispatcher weighs each row's copies by it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from workers.causal_lm import CausalLM
 from workers.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
-ROWS = ("token ids", "positions", "slots", "context lengths")
+ROWS = ("token ids", "positions", "slots", "context lengths", "counted")  # counted: 1 a real row, 0 padding
 
 
 def batch_sizes(max_batch: int) -> list[int]:
@@ -43,9 +44,9 @@ class DecodeGraphs:
         self.sizes = batch_sizes(max_batch)
         self.capture = capture
         pinned = device.type == "cuda"
-        # rows: token ids, positions, cache slots, context lengths; each step's come in through one host copy
-        self.inputs = torch.zeros(len(ROWS), max_batch, dtype=torch.long, device=device)  # [4, Bmax]
-        self.input_ids, self.positions, self.slots, self.lens = self.inputs
+        # rows: token ids, positions, cache slots, context lengths, counted; each step's come in through one host copy
+        self.inputs = torch.zeros(len(ROWS), max_batch, dtype=torch.long, device=device)  # [5, Bmax]
+        self.input_ids, self.positions, self.slots, self.lens, self.counted = self.inputs
         self.tables = torch.zeros(max_batch, max_blocks, dtype=torch.long, device=device)  # [Bmax, M]
         self.staged_inputs = torch.zeros(len(ROWS), max_batch, dtype=torch.long, pin_memory=pinned)
         self.staged_tables = torch.zeros(max_batch, max_blocks, dtype=torch.long, pin_memory=pinned)
@@ -62,9 +63,10 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _pad(self, start: int, stop: int) -> None:
-        """Host rows start..stop become padding: token 0 at position 0, written to and read from the pad block."""
+        """Host rows start..stop become padding: token 0 at position 0, written to and read from the pad block, and
+        left out of the routing stats."""
         pad = self.kv_cache.pad_block
-        self.host_inputs[:, start:stop] = ((0,), (0,), (pad * self.kv_cache.block_size,), (1,))
+        self.host_inputs[:, start:stop] = ((0,), (0,), (pad * self.kv_cache.block_size,), (1,), (0,))
         self.host_tables[start:stop, 0] = pad
 
     def _copy_in(self, G: int, width: int) -> None:
@@ -78,7 +80,12 @@ class DecodeGraphs:
             query_lens=(1,) * G,
             context_lens_list=(),  # on the host, so not in a graph: the paged decode path reads context_lens only
             block_size=self.kv_cache.block_size, num_decodes=G)
-        hidden = self.model(self.input_ids[:G], self.positions[:G], self.kv_cache, meta)  # [G, D]
+        stats = self.model.dispatcher.stats
+        stats.counted_rows = self.counted  # read by the captured kernels at each replay
+        try:
+            hidden = self.model(self.input_ids[:G], self.positions[:G], self.kv_cache, meta)  # [G, D]
+        finally:
+            stats.counted_rows = None  # the eager passes (prefills, batches over max_batch) count every row
         return self.model.compute_logits(hidden)  # [G, V]
 
     @torch.inference_mode()
@@ -114,7 +121,7 @@ class DecodeGraphs:
         B = len(token_ids)
         G = next(s for s in self.sizes if s >= B)
         width = max(len(t) for t in tables)
-        for row, values in zip(self.host_inputs, (token_ids, positions, slots, lens)):
+        for row, values in zip(self.host_inputs, (token_ids, positions, slots, lens, (1,) * B)):
             row[:B] = values
         for i, t in enumerate(tables):  # a row at a time into the host array: ~10x faster than torch.tensor(lists)
             self.host_tables[i, : len(t)] = t

@@ -25,12 +25,21 @@ class LocalDispatcher(Dispatcher):
         return LocalDispatcher(self.num_experts, layer, self.stats)
 
     def dispatch_start(self, hidden, topk_ids, topk_weights) -> DispatchOutput:
-        T, K = topk_ids.shape
+        K = topk_ids.shape[1]
         flat = topk_ids.flatten()  # [T*K]
         order = flat.argsort(stable=True)  # [T*K]
         counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat))  # [E] (no sync)
-        self.stats.add(self.stats.sent, self.layer, None, counts)
+        self.stats.add(self.stats.sent, self.layer, None, self._counted(topk_ids, counts))
         return DispatchOutput(hidden[order // K], counts, LocalHandle(order, topk_weights))
+
+    def _counted(self, topk_ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The copies the stats count [E]: all of them, or those of the rows `stats.counted_rows` marks."""
+        rows = self.stats.counted_rows
+        if rows is None:
+            return counts
+        T, K = topk_ids.shape
+        weights = rows[:T, None].expand(T, K).flatten()  # [T*K] 1 for a real row's copies, 0 for padding's
+        return counts.new_zeros(self.num_experts).index_add_(0, topk_ids.flatten(), weights)  # [E]
 
     def dispatch_wait(self, pending: DispatchOutput) -> DispatchOutput:
         return pending
