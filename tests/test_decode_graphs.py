@@ -73,7 +73,8 @@ def test_graph_logits_match_eager_logits(checkpoint_dir):
 
 @pytest.mark.gpu
 def test_captured_graphs_match_eager_on_cuda(tmp_path):
-    """Real capture (bf16, widths the kernel and torch._grouped_mm take): greedy tokens as the eager engine's."""
+    """Real capture (bf16, widths the kernel and torch._grouped_mm take): greedy tokens and routing counts as the
+    eager engine's."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from cluster.tiny_checkpoint import make_checkpoint
@@ -87,3 +88,7 @@ def test_captured_graphs_match_eager_on_cuda(tmp_path):
     got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params)]
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params)]
     assert got == want
+    # the replayed graphs counted the real rows only: as many copies per layer as the eager engine (which expert
+    # each went to may differ on a bf16 near-tie)
+    sent = [e.executor.runner.model.dispatcher.stats.as_dict()["sent"] for e in (eager, graphed)]
+    assert {layer: sum(row) for layer, row in sent[1].items()} == {layer: sum(row) for layer, row in sent[0].items()}
