@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 import workers.triton_mla_decode as kernel  # under the interpreter on CPU: see conftest
 from tests.harness import decode_chunks, engine, hf_logits, hf_model, random_prompts
-from workers.attention_metadata import AttentionMetadata
+from workers import mla_decode
 from workers.mla_decode import paged_mla_decode, select_mla_decode, torch_mla_decode
 
 ON_GPU = torch.cuda.is_available()
@@ -18,22 +18,7 @@ DTYPES = [torch.float32, torch.bfloat16] if ON_GPU else [torch.float32, torch.fl
 
 def decode_case(lens, heads, latent, rope, page, dtype, seed=0):
     """Random queries and a cache whose sequences own shuffled, scattered blocks."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(-(-n // page) for n in lens)
-    num_blocks = sum(-(-n // page) for n in lens) + 3
-    cache = torch.randn(num_blocks, page, latent + rope, generator=g)  # [N, page, L+R]
-    q = torch.randn(len(lens), heads, latent + rope, generator=g)  # [B, H, L+R]
-    free = torch.randperm(num_blocks, generator=g).tolist()
-    tables = []
-    for n in lens:
-        own = [free.pop() for _ in range(-(-n // page))]
-        tables.append(own + [0] * (width - len(own)))
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(len(lens), dtype=torch.long, device=DEVICE),
-        block_tables=torch.tensor(tables, device=DEVICE),
-        context_lens=torch.tensor(lens, device=DEVICE),
-        query_lens=(1,) * len(lens), context_lens_list=tuple(lens), block_size=page, num_decodes=len(lens))
-    return q.to(DEVICE, dtype), cache.to(DEVICE, dtype), meta
+    return mla_decode.decode_case(tuple(lens), heads, latent, rope, DEVICE, dtype, page, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

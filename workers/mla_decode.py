@@ -3,12 +3,16 @@
 `mla_decode(q [B, H, L+R], cache [N, page, L+R], meta, scale, L) -> [B, H, L]`: each decode query
 [q_latent | q_pe] scores its sequence's cached entries [c_kv | k_pe], and the softmax-weighted sum of the c_kv is
 returned (W_UV is applied by the caller). On CUDA the Triton kernel reads the cache in place through the block
-tables (`triton_mla_decode`); elsewhere the entries are gathered and scored with two bmms.
+tables (`triton_mla_decode`); on CPUs with AVX512-BF16, in bf16, so do the C kernels of `CpuMLADecode` where they
+build and beat the bmm form on a probe (MOE_SERVE_CPU_MLA_KERNEL=0 turns them off); elsewhere the entries are
+gathered and scored with two bmms.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Callable
 
 import torch
@@ -48,20 +52,14 @@ def kernel_takes(latent_dim: int, rope_dim: int) -> bool:
 
 
 def select_mla_decode(device: torch.device, dtype: torch.dtype, latent_dim: int, rope_dim: int) -> MLADecode:
-    """The Triton kernel on CUDA where it compiles and agrees with the bmm form on a small case; else the bmms."""
+    """On CUDA, the Triton kernel where it compiles and agrees with the bmm form on a small case; on CPU in bf16,
+    the C kernels where they build, agree and are faster on a probe; else the bmms."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get("MOE_SERVE_CPU_MLA_KERNEL") != "0":
+        return _select_cpu(latent_dim, rope_dim)
     if device.type != "cuda" or not kernel_takes(latent_dim, rope_dim):
         return torch_mla_decode
     try:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        page, lens = 16, (5, 40)
-        cache = torch.randn(6, page, latent_dim + rope_dim, generator=g).to(device, dtype)  # [N, page, L+R]
-        q = torch.randn(2, 16, latent_dim + rope_dim, generator=g).to(device, dtype)  # [B, H, L+R]
-        tables = torch.tensor([[4, 0, 0], [1, 5, 2]], device=device)
-        meta = AttentionMetadata(torch.zeros(2, dtype=torch.long, device=device), tables,
-                                 torch.tensor(lens, device=device), (1, 1), lens, page, 2)
-        got = paged_mla_decode(q, cache, meta, 0.05, latent_dim)
-        want = torch_mla_decode(q, cache, meta, 0.05, latent_dim)
-        if torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
+        if _agrees(paged_mla_decode, device, dtype, latent_dim, rope_dim):
             return paged_mla_decode
         log.warning("the Triton MLA decode kernel disagrees with the bmm form here; using the bmm form")
     except Exception as e:  # no Triton, or it cannot compile for this device: the bmm form still runs
@@ -69,3 +67,53 @@ def select_mla_decode(device: torch.device, dtype: torch.dtype, latent_dim: int,
             raise  # the device itself failed (e.g. an illegal address): nothing after would run either
         log.warning("the Triton MLA decode kernel is unavailable (%s); using the bmm form", e)
     return torch_mla_decode
+
+
+def _select_cpu(latent_dim: int, rope_dim: int) -> MLADecode:
+    from workers.cpu_mla_decode import CpuMLADecode
+
+    kernel = CpuMLADecode.build(latent_dim, rope_dim)
+    if kernel is None:
+        return torch_mla_decode
+    cpu, dtype = torch.device("cpu"), torch.bfloat16
+    if not _agrees(kernel, cpu, dtype, latent_dim, rope_dim):
+        log.warning("the CPU MLA decode kernel disagrees with the bmm form here; using the bmm form")
+        return torch_mla_decode
+    # a probe at a decode batch's scale: 32 sequences of 96-160 tokens, best of three each
+    q, cache, meta = decode_case(tuple(96 + 2 * i for i in range(32)), 16, latent_dim, rope_dim, cpu, dtype)
+    ours, bmm = (_best_of(3, fn, q, cache, meta, latent_dim) for fn in (kernel, torch_mla_decode))
+    log.info("CPU MLA decode probe: C kernels %.0f us, bmm form %.0f us", ours * 1e6, bmm * 1e6)
+    return kernel if ours < bmm else torch_mla_decode
+
+
+def _best_of(n: int, fn: MLADecode, q, cache, meta, latent_dim: int) -> float:
+    times = []
+    for _ in range(n + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        fn(q, cache, meta, 0.05, latent_dim)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def _agrees(fn: MLADecode, device: torch.device, dtype: torch.dtype, latent_dim: int, rope_dim: int) -> bool:
+    q, cache, meta = decode_case((5, 40), 16, latent_dim, rope_dim, device, dtype)
+    got, want = fn(q, cache, meta, 0.05, latent_dim), torch_mla_decode(q, cache, meta, 0.05, latent_dim)
+    return torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def decode_case(lens: tuple[int, ...], heads: int, latent_dim: int, rope_dim: int, device: torch.device,
+                dtype: torch.dtype, page: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Random decode queries over a paged cache whose blocks are shuffled, one sequence per length (for the
+    kernels' checks here and in the tests)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    blocks = [-(-n // page) for n in lens]
+    num_blocks = sum(blocks) + 1
+    cache = torch.randn(num_blocks, page, latent_dim + rope_dim, generator=g).to(device, dtype)  # [N, page, L+R]
+    q = torch.randn(len(lens), heads, latent_dim + rope_dim, generator=g).to(device, dtype)  # [B, H, L+R]
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.zeros(len(lens), max(blocks), dtype=torch.long)  # [B, M]
+    for i, m in enumerate(blocks):
+        tables[i, :m] = torch.tensor(order[sum(blocks[:i]) : sum(blocks[: i + 1])])
+    meta = AttentionMetadata(torch.zeros(len(lens), dtype=torch.long, device=device), tables.to(device),
+                             torch.tensor(lens, device=device), (1,) * len(lens), lens, page, len(lens))
+    return q, cache, meta
