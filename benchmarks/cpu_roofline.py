@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from benchmarks.roofline import roofline_tok_s, step_bytes  # noqa: E402
 
 PROMPT_LEN, WARM_STEPS, STEPS, ROUNDS = 32, 8, 15, 3
@@ -107,7 +108,7 @@ def main() -> int:
             rows.append({"threads": threads, "copy_gb_s": copy / 1e9, "stream_gb_s": stream / 1e9, "batch": batch,
                          "context": context, "step_ms": ms, "tok_s": batch / ms * 1000,
                          "step_mib": (weights + cache) / 2**20, "roofline_tok_s": roof})
-    print(f"mini DeepSeek-V2, {args.dtype}, decode step on this machine's CPU")
+    print(f"mini DeepSeek-V2, {args.dtype}, decode step on this machine's CPU: {describe()}")
     print(f"{'threads':>7} {'copy GB/s':>9} {'stream GB/s':>11} {'batch':>5} {'context':>7} {'step ms':>8} "
           f"{'tok/s':>7} {'step MiB':>8} {'roofline tok/s':>14} {'of roofline':>11}")
     for r in rows:

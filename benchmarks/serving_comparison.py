@@ -32,6 +32,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import describe  # noqa: E402
 from benchmarks.offline_throughput import PRELOAD, VLLM_ENV, VOCAB, make_checkpoint  # noqa: E402
 from cluster.direct_ingress import wait_until_bindable  # noqa: E402
 from cluster.malloc import tcmalloc  # noqa: E402
@@ -158,7 +159,8 @@ def main() -> int:
         if name not in args.skip:
             slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
             results[name] = run_server(name, cmd, env, args.port, args.work / f"{slug}.json", levels)
-    print(f"\n{'server':<22} {'conc':>4} {'done':>5} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+    print(f"\nmachine: {describe()}")
+    print(f"{'server':<22} {'conc':>4} {'done':>5} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
           f"{'TPOT p50':>9} {'TPOT p99':>9}   (ms)")
     for name, runs in results.items():
         for r in runs:
