@@ -9,8 +9,10 @@ The model is offline_throughput.py's mini DeepSeek-V2 (real MLA widths). For eac
   256 MiB of 512 -> 3072 weights (more than the caches hold, as a decode step's ~90 MiB of weights are);
 - the engine's decode step at batch 1 and 64: the median of three rounds of 15 steps, after the prompts (32
   tokens each) are in and 8 steps have run; context is the mean tokens per sequence over the timed steps;
-- the roofline (`benchmarks/roofline.py`): the bytes that step reads (the weights its tokens use, plus the cached
-  latents) over the copy bandwidth, as decode tokens/s.
+- matmul: a 2048 x 2048 by 2048 x 2048 matmul in the model's dtype, FLOP/s (the median of five);
+- the roofline (`benchmarks/roofline.py`): the lower of two rates, as decode tokens/s: the bytes that step reads
+  (the weights its tokens use, plus the cached latents) over the copy bandwidth ("memory"), and the step's FLOPs
+  (each token through the weights it uses, and the attention over its context) at the matmul rate ("compute").
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import describe  # noqa: E402
-from benchmarks.roofline import roofline_tok_s, step_bytes  # noqa: E402
+from benchmarks.roofline import compute_tok_s, roofline_tok_s, step_bytes, step_flops  # noqa: E402
 
 PROMPT_LEN, WARM_STEPS, STEPS, ROUNDS = 32, 8, 15, 3
 
@@ -43,6 +45,16 @@ def copy_bandwidth() -> float:
         b.copy_(a)
         times.append(time.perf_counter() - t0)
     return 2 * a.numel() * a.element_size() / statistics.median(times[1:])
+
+
+def matmul_rate(dtype: torch.dtype) -> float:
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    times = []
+    for _ in range(6):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * 2048**3 / statistics.median(times[1:])
 
 
 def weight_stream(dtype: torch.dtype) -> float:
@@ -100,21 +112,26 @@ def main() -> int:
     rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        copy, stream = copy_bandwidth(), weight_stream(dtype)
+        copy, stream, matmul = copy_bandwidth(), weight_stream(dtype), matmul_rate(dtype)
         for batch in (1, 64):
             ms, context = decode_step(engine, batch)
             weights, cache = step_bytes(config, batch, round(context))
-            roof = roofline_tok_s(config, batch, round(context), copy)
-            rows.append({"threads": threads, "copy_gb_s": copy / 1e9, "stream_gb_s": stream / 1e9, "batch": batch,
-                         "context": context, "step_ms": ms, "tok_s": batch / ms * 1000,
-                         "step_mib": (weights + cache) / 2**20, "roofline_tok_s": roof})
+            memory = roofline_tok_s(config, batch, round(context), copy)
+            compute = compute_tok_s(config, batch, round(context), matmul)
+            rows.append({"threads": threads, "copy_gb_s": copy / 1e9, "stream_gb_s": stream / 1e9,
+                         "matmul_gflop_s": matmul / 1e9, "batch": batch, "context": context, "step_ms": ms,
+                         "tok_s": batch / ms * 1000, "step_mib": (weights + cache) / 2**20,
+                         "step_gflop": step_flops(config, batch, round(context)) / 1e9,
+                         "memory_tok_s": memory, "compute_tok_s": compute, "roofline_tok_s": min(memory, compute)})
     print(f"mini DeepSeek-V2, {args.dtype}, decode step on this machine's CPU: {describe()}")
-    print(f"{'threads':>7} {'copy GB/s':>9} {'stream GB/s':>11} {'batch':>5} {'context':>7} {'step ms':>8} "
-          f"{'tok/s':>7} {'step MiB':>8} {'roofline tok/s':>14} {'of roofline':>11}")
+    print(f"{'threads':>7} {'copy GB/s':>9} {'stream GB/s':>11} {'matmul GFLOP/s':>14} {'batch':>5} {'context':>7} "
+          f"{'step ms':>8} {'tok/s':>7} {'step MiB':>8} {'step GFLOP':>10} {'memory tok/s':>12} "
+          f"{'compute tok/s':>13} {'of roofline':>11}")
     for r in rows:
-        print(f"{r['threads']:>7} {r['copy_gb_s']:>9.1f} {r['stream_gb_s']:>11.1f} {r['batch']:>5} "
-              f"{r['context']:>7.1f} {r['step_ms']:>8.2f} {r['tok_s']:>7.0f} {r['step_mib']:>8.1f} "
-              f"{r['roofline_tok_s']:>14.0f} {r['tok_s'] / r['roofline_tok_s']:>10.0%}")
+        print(f"{r['threads']:>7} {r['copy_gb_s']:>9.1f} {r['stream_gb_s']:>11.1f} {r['matmul_gflop_s']:>14.0f} "
+              f"{r['batch']:>5} {r['context']:>7.1f} {r['step_ms']:>8.2f} {r['tok_s']:>7.0f} {r['step_mib']:>8.1f} "
+              f"{r['step_gflop']:>10.2f} {r['memory_tok_s']:>12.0f} {r['compute_tok_s']:>13.0f} "
+              f"{r['tok_s'] / r['roofline_tok_s']:>10.0%}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     return 0

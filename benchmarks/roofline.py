@@ -5,6 +5,10 @@ the lm_head; of the routed experts, those that at least one of the B tokens pick
 layer when routing is uniform, as with random weights) plus each sequence's cached latents (C entries of
 kv_lora_rank + qk_rope_head_dim per layer). The embedding table is read a row per token, so it is left out.
 Tokens/s at the roofline is B over that many bytes' copy time.
+
+Where the matmuls, not the memory, set the pace (a CPU at batch 64), `step_flops` counts the step's multiply-adds
+the same way: each token through every weight it uses (its top-k experts), plus the absorbed attention's scores and
+weighted sum over its context; `compute_tok_s` is B over their time at a measured matmul rate.
 """
 
 from __future__ import annotations
@@ -35,3 +39,20 @@ def roofline_tok_s(c: dict, batch: int, context: int, bandwidth: float, dtype_by
     """Decode tokens/s if a step took only its bytes' read time at `bandwidth` bytes/s."""
     weights, cache = step_bytes(c, batch, context, dtype_bytes)
     return batch * bandwidth / (weights + cache)
+
+
+def step_flops(c: dict, batch: int, context: int) -> float:
+    """FLOPs (2 per multiply-add) of one decode step of `batch` sequences at `context` tokens."""
+    D, H, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
+    E, k = c["n_routed_experts"], c["num_experts_per_tok"]
+    dense_layers = min(c["first_k_dense_replace"], layers) if E else layers
+    moe_layer = 3 * D * c["moe_intermediate_size"] * (c["n_shared_experts"] + k) + E * D
+    per_token = (layers * attention_params(c) + dense_layers * 3 * D * c["intermediate_size"]
+                 + (layers - dense_layers) * moe_layer + D * c["vocab_size"])  # W_UK and W_UV absorbed: the same
+    attention = layers * H * context * (2 * c["kv_lora_rank"] + c["qk_rope_head_dim"])  # scores, then the sum
+    return 2.0 * batch * (per_token + attention)
+
+
+def compute_tok_s(c: dict, batch: int, context: int, flops_per_s: float) -> float:
+    """Decode tokens/s if a step took only its FLOPs' time at `flops_per_s`."""
+    return batch * flops_per_s / step_flops(c, batch, context)
