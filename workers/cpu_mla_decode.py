@@ -1,9 +1,10 @@
 """CpuMLADecode: MLA's absorbed decode attention in bf16 on x86 CPUs with AVX512-BF16, read from the paged cache.
 
 The C kernel (`csrc/cpu_mla_decode.c`) scores each decode query against its sequence's cached [c_kv | k_pe]
-entries where they lie in the cache, takes the softmax, and sums the c_kv weighted by it, with bf16 dot products
-into fp32, one sequence and block of heads at a time. Against the bmm form (`torch_mla_decode`) this skips the
-per-layer gather of the padded context, the padded scores, and oneDNN's small-matrix overheads.
+entries where they lie in the cache, and sums the c_kv weighted by the softmax, with bf16 dot products into fp32:
+a sequence and block of heads at a time, a tile of entries at a time (the softmax kept online, so each entry is read
+from memory once). Against the bmm form (`torch_mla_decode`) this skips the per-layer gather of the padded context,
+the padded scores, and oneDNN's small-matrix overheads.
 
 The library is compiled once per source and flags with the system C compiler (`$CC`, default `cc`) into
 `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`) and loaded with ctypes. The kernel shares its

@@ -9,9 +9,11 @@
  * tables [B, M] block ids (int64); lens [B] context lengths (int64); out [B, H, L] bf16. D is a multiple of 32, L
  * of 16.
  *
- * One work item is a sequence and a block of HB heads: its scores (fp32), their softmax (probabilities rounded to
- * bf16, as the bmm form does), then the weighted sum of the latents, with the entries read through the block table
- * in place. The item's entries are read twice, the second time mostly from the core's caches.
+ * One work item is a sequence and a block of HB heads, taken a tile of TILE entries at a time (read through the
+ * block table in place, and from L2 the second time): the tile's scores (fp32), their exponentials against the
+ * running maximum (rounded to bf16, as the bmm form rounds its probabilities), and the weighted sum of the tile's
+ * latents, added to the item's fp32 sums after they are rescaled to the new maximum; at the end the sums are divided
+ * by the total weight (the softmax's denominator). So each entry is read from memory once, at any context.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -20,7 +22,7 @@
 
 #define HB 16     /* heads per pass: one fp32 accumulator register each */
 #define HALF (HB / 2)
-#define TILE 128  /* entries per pass of the value sum: ~144 KiB of bf16 at D = 576, held in L2 */
+#define TILE 128  /* entries per tile: ~144 KiB of bf16 at D = 576, held in L2 between its two passes */
 #define ROW 32    /* score rows are padded to whole 64-byte lines of bf16 */
 
 /* Lane i of the result is the sum of the lanes of a[i]: a tree of shuffles and adds, not 16 separate reductions. */
@@ -95,44 +97,44 @@ static void scores(const uint16_t *qb, const uint16_t **ptr, int64_t n, int64_t 
     for (int64_t s = n; s < sp; s++) rows[h * sp + s] = -__builtin_inff();
 }
 
-/* probs [sp] bf16 <- softmax of row [sp] fp32 (sp a multiple of ROW); the row is overwritten. */
-static void softmax(float *row, int64_t sp, uint16_t *probs) {
-  __m512 m = _mm512_set1_ps(-__builtin_inff());
-  for (int64_t s = 0; s < sp; s += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(row + s));
-  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+/* probs [tp] bf16 <- e^(row - top), where top is the larger of *top and the row's maximum and becomes the new
+ * *top; the weights' sum is added to *total after *total is rescaled to the new top, as the caller must rescale its
+ * sums: by the factor returned. The row (fp32, tp a multiple of ROW, -inf past the tile) is overwritten. */
+static float tile_weights(float *row, int64_t tp, float *top, float *total, uint16_t *probs) {
+  __m512 m = _mm512_set1_ps(*top);
+  for (int64_t s = 0; s < tp; s += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(row + s));
+  const float new_top = _mm512_reduce_max_ps(m);
+  const float rescale = _mm512_cvtss_f32(exp_nonpositive(_mm512_set1_ps(*top - new_top)));  /* 0 at the start */
+  const __m512 top_v = _mm512_set1_ps(new_top);
   __m512 sum = _mm512_setzero_ps();
-  for (int64_t s = 0; s < sp; s += 16) {
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + s), top));
-    _mm512_storeu_ps(row + s, e);
+  for (int64_t s = 0; s < tp; s += 16) {
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(row + s), top_v));
+    _mm256_storeu_si256((__m256i *)(probs + s), (__m256i)_mm512_cvtneps_pbh(e));
     sum = _mm512_add_ps(sum, e);
   }
-  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-  for (int64_t s = 0; s < sp; s += 16)
-    _mm256_storeu_si256((__m256i *)(probs + s), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(row + s), inv)));
+  *top = new_top;
+  *total = *total * rescale + _mm512_reduce_add_ps(sum);
+  return rescale;
 }
 
-/* acc_mem [HB, L] fp32 <- sum over s < n of probs[h, s] * c_kv of entry s. Entries are taken in pairs, so one
- * dpbf16 multiplies two probabilities by two entries' latents; tiles of entries stay in L2 across the latents. */
+/* acc_mem [HB, L] fp32 += sum over the tile's n entries of probs[h, s] * c_kv of entry s. Entries are taken in
+ * pairs, so one dpbf16 multiplies two weights by two entries' latents. */
 static void values(const uint32_t *const prow[HB], const uint16_t **ptr, int64_t n, int64_t L, __m512i idx,
                    float *acc_mem) {
-  memset(acc_mem, 0, HB * L * sizeof(float));
-  for (int64_t t0 = 0; t0 < n; t0 += TILE) {
-    const int64_t t1 = t0 + TILE < n ? t0 + TILE : n;
-    for (int64_t c = 0; c < L; c += 16) {
-      __m512 acc[HB];
+  for (int64_t c = 0; c < L; c += 16) {
+    __m512 acc[HB];
 #pragma GCC unroll 16
-      for (int h = 0; h < HB; h++) acc[h] = _mm512_loadu_ps(acc_mem + h * L + c);
-      for (int64_t s = t0; s < t1; s += 2) {
-        const __m512i x = _mm512_permutex2var_epi16(
-            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ptr[s] + c))), idx,
-            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ptr[s + 1] + c))));
+    for (int h = 0; h < HB; h++) acc[h] = _mm512_loadu_ps(acc_mem + h * L + c);
+    for (int64_t s = 0; s < n; s += 2) {
+      const __m512i x = _mm512_permutex2var_epi16(
+          _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ptr[s] + c))), idx,
+          _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(ptr[s + 1] + c))));
 #pragma GCC unroll 16
-        for (int h = 0; h < HB; h++)
-          acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)_mm512_set1_epi32(prow[h][s / 2]), (__m512bh)x);
-      }
-#pragma GCC unroll 16
-      for (int h = 0; h < HB; h++) _mm512_storeu_ps(acc_mem + h * L + c, acc[h]);
+      for (int h = 0; h < HB; h++)
+        acc[h] = _mm512_dpbf16_ps(acc[h], (__m512bh)_mm512_set1_epi32(prow[h][s / 2]), (__m512bh)x);
     }
+#pragma GCC unroll 16
+    for (int h = 0; h < HB; h++) _mm512_storeu_ps(acc_mem + h * L + c, acc[h]);
   }
 }
 
@@ -143,7 +145,7 @@ void mla_decode(const uint16_t *q, const uint16_t *cache, const int64_t *tables,
                 int64_t threads) {
   int64_t longest = 0;
   for (int64_t b = 0; b < B; b++) longest = lens[b] > longest ? lens[b] : longest;
-  const int64_t widest = (longest + ROW - 1) / ROW * ROW, blocks = (H + HB - 1) / HB;
+  const int64_t blocks = (H + HB - 1) / HB;
   uint16_t interleave[32];  /* zmm lanes 2i and 2i+1 take element i of the first and of the second entry */
   for (int i = 0; i < 16; i++) { interleave[2 * i] = i; interleave[2 * i + 1] = 32 + i; }
   const __m512i idx = _mm512_loadu_si512(interleave);
@@ -151,28 +153,42 @@ void mla_decode(const uint16_t *q, const uint16_t *cache, const int64_t *tables,
   {
   const uint16_t **ptr = malloc((longest + 2) * sizeof(*ptr));  /* a sequence's entries, in order */
   uint16_t *qb = aligned_alloc(64, HB * D * sizeof(uint16_t));  /* a block of heads, zero-padded to HB */
-  float *rows = aligned_alloc(64, HB * widest * sizeof(float));  /* [HB, sp] scores, then e^(score - max) */
-  uint16_t *probs = aligned_alloc(64, HB * widest * sizeof(uint16_t));  /* [HB, sp] */
-  float *acc_mem = aligned_alloc(64, HB * L * sizeof(float));  /* [HB, L] partial sums across tiles */
+  float *rows = aligned_alloc(64, HB * TILE * sizeof(float));  /* [HB, tp] a tile's scores */
+  uint16_t *probs = aligned_alloc(64, HB * TILE * sizeof(uint16_t));  /* [HB, tp] their weights */
+  float *acc_mem = aligned_alloc(64, HB * L * sizeof(float));  /* [HB, L] weighted sums of the latents */
 #pragma omp for schedule(dynamic, 1)
   for (int64_t item = 0; item < B * blocks; item++) {
     const int64_t b = item / blocks, h0 = item % blocks * HB, hb = H - h0 < HB ? H - h0 : HB;
-    const int64_t n = lens[b], sp = (n + ROW - 1) / ROW * ROW;
+    const int64_t n = lens[b];
     for (int64_t s = 0; s < n; s++) ptr[s] = entry(cache, tables + b * M, page, D, s);
-    ptr[n] = ptr[n + 1] = n ? ptr[n - 1] : cache;  /* an odd length's last pair: its probability is zero */
+    ptr[n] = ptr[n + 1] = n ? ptr[n - 1] : cache;  /* an odd length's last pair: its weight is zero */
     memset(qb, 0, HB * D * sizeof(uint16_t));
     memcpy(qb, q + (b * H + h0) * D, hb * D * sizeof(uint16_t));
-    scores(qb, ptr, n, D, sp, scale, rows);
-    const uint32_t *prow[HB];  /* each head's probabilities, two bf16 to a word; padding heads read head 0's */
-    for (int h = 0; h < HB; h++) {
-      if (h < hb) softmax(rows + h * sp, sp, probs + h * sp);
-      prow[h] = (const uint32_t *)(probs + (h < hb ? h : 0) * sp);
+    memset(acc_mem, 0, HB * L * sizeof(float));
+    float top[HB], total[HB];
+    for (int h = 0; h < HB; h++) top[h] = -__builtin_inff(), total[h] = 0.0f;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+      const int64_t tn = n - t0 < TILE ? n - t0 : TILE, tp = (tn + ROW - 1) / ROW * ROW;
+      scores(qb, ptr + t0, tn, D, tp, scale, rows);
+      const uint32_t *prow[HB];  /* each head's weights, two bf16 to a word; padding heads read head 0's */
+      for (int h = 0; h < HB; h++) {
+        if (h < hb) {
+          const float rescale = tile_weights(rows + h * tp, tp, &top[h], &total[h], probs + h * tp);
+          if (rescale != 1.0f)
+            for (int64_t c = 0; c < L; c += 16)
+              _mm512_storeu_ps(acc_mem + h * L + c, _mm512_mul_ps(_mm512_set1_ps(rescale),
+                                                                  _mm512_loadu_ps(acc_mem + h * L + c)));
+        }
+        prow[h] = (const uint32_t *)(probs + (h < hb ? h : 0) * tp);
+      }
+      values(prow, ptr + t0, tn, L, idx, acc_mem);
     }
-    values(prow, ptr, n, L, idx, acc_mem);
-    for (int64_t h = 0; h < hb; h++)
+    for (int64_t h = 0; h < hb; h++) {
+      const __m512 inv = _mm512_set1_ps(1.0f / total[h]);
       for (int64_t c = 0; c < L; c += 16)
         _mm256_storeu_si256((__m256i *)(out + (b * H + h0 + h) * L + c),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(acc_mem + h * L + c)));
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(inv, _mm512_loadu_ps(acc_mem + h * L + c))));
+    }
   }
   free(acc_mem);
   free(probs);
