@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -24,11 +23,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cpu_roofline import PROMPT_LEN, start_decoding  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from workers.cpu_mla_decode import CpuMLADecode  # noqa: E402
 from workers.mla_decode import decode_case, torch_mla_decode  # noqa: E402
 
-PROMPT_LEN, STEPS = 32, 5
+STEPS = 5
 LATENT, ROPE, HEADS = 512, 64, 16
 
 
@@ -54,22 +54,13 @@ def alone(kernel: CpuMLADecode) -> list[tuple]:
 def in_step(model: Path, batch: int, threads: int, rounds: int) -> tuple:
     from router.engine_config import EngineConfig
     from router.llm_engine import LLMEngine
-    from workers.sampling_params import SamplingParams
-
     torch.set_num_threads(threads)
     engine = LLMEngine.from_config(EngineConfig(model=str(model), dtype="bfloat16"))
     torch.set_num_threads(threads)
     layers = engine.executor.runner.model.model.layers
     kernel = layers[0].self_attn.mla_decode
     assert isinstance(kernel, CpuMLADecode), "the engine did not choose the kernel here"
-    rng = random.Random(batch)
-    params = SamplingParams(max_tokens=2 * STEPS * rounds + 2 * STEPS, temperature=0, ignore_eos=True)
-    for _ in range(batch):
-        engine.add_request([rng.randrange(2, 8192) for _ in range(PROMPT_LEN)], params)
-    while engine.scheduler.waiting:  # the prefills
-        engine.step()
-    for _ in range(STEPS):
-        engine.step()
+    start_decoding(engine, batch, 2 * STEPS * rounds + 2 * STEPS, STEPS)
     ms: dict[str, list[float]] = {"kernel": [], "bmm": []}
     forms = (("kernel", kernel), ("bmm", torch_mla_decode))
     for r in range(rounds):

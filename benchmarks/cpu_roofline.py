@@ -71,18 +71,23 @@ def weight_stream(dtype: torch.dtype) -> float:
     return 3 * sum(w.numel() * w.element_size() for w in weights) / (time.perf_counter() - t0)
 
 
-def decode_step(engine, batch: int) -> tuple[float, float]:
-    """(median ms per decode step, mean context) for `batch` sequences decoding together."""
+def start_decoding(engine, batch: int, max_tokens: int, warm_steps: int) -> None:
+    """`batch` requests of PROMPT_LEN random tokens (greedy, ignore_eos), prefilled, then warm_steps decode steps."""
     from workers.sampling_params import SamplingParams
 
     rng = random.Random(batch)
-    params = SamplingParams(max_tokens=WARM_STEPS + ROUNDS * STEPS + 8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     for _ in range(batch):
         engine.add_request([rng.randrange(2, 8192) for _ in range(PROMPT_LEN)], params)
     while engine.scheduler.waiting:  # the prefills
         engine.step()
-    for _ in range(WARM_STEPS):
+    for _ in range(warm_steps):
         engine.step()
+
+
+def decode_step(engine, batch: int) -> tuple[float, float]:
+    """(median ms per decode step, mean context) for `batch` sequences decoding together."""
+    start_decoding(engine, batch, WARM_STEPS + ROUNDS * STEPS + 8, WARM_STEPS)
     rounds = []
     for _ in range(ROUNDS):
         t0 = time.perf_counter()
