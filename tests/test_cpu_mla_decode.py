@@ -1,4 +1,4 @@
-"""The CPU MLA decode kernels (AVX512-BF16, C) against the gather-and-bmm form, and their choice at build time.
+"""The CPU MLA decode kernel (AVX512-BF16, C) against the gather-and-bmm form, and their choice at build time.
 Skipped where this CPU or compiler cannot build them."""
 
 import math
@@ -55,13 +55,13 @@ def test_reads_nothing_past_a_sequence(threads):
 
 
 def test_chosen_where_it_builds_agrees_and_wins(monkeypatch):
-    assert select_mla_decode(CPU, torch.float32, 64, 32) is torch_mla_decode  # bf16 kernels only
+    assert select_mla_decode(CPU, torch.float32, 64, 32) is torch_mla_decode  # a bf16 kernel only
     assert select_mla_decode(CPU, BF16, 64, 8) is torch_mla_decode  # entries of 72: not whole 32-wide chunks
     assert select_mla_decode(CPU, BF16, 56, 40) is torch_mla_decode  # latents of 56: not whole 16-wide chunks
     assert select_mla_decode(CPU, BF16, 0, 0) is torch_mla_decode  # a dense model: no latents
     timings = {}
     monkeypatch.setattr(mla_decode, "_best_of", lambda n, fn, *a: timings[fn is torch_mla_decode])
-    timings.update({False: 1.0, True: 2.0})  # the kernels faster on the probe
+    timings.update({False: 1.0, True: 2.0})  # the kernel faster on the probe
     assert isinstance(select_mla_decode(CPU, BF16, 64, 32), CpuMLADecode)
     monkeypatch.setenv("MOE_SERVE_CPU_MLA_KERNEL", "0")  # turned off
     assert select_mla_decode(CPU, BF16, 64, 32) is torch_mla_decode
@@ -79,7 +79,7 @@ def test_a_failed_build_falls_back(monkeypatch, tmp_path, caplog):
     assert not list(tmp_path.iterdir())  # no half-written library left behind
 
 
-def test_model_decode_through_kernels_matches_bmm_form(checkpoint_dir, monkeypatch):
+def test_model_decode_through_kernel_matches_bmm_form(checkpoint_dir, monkeypatch):
     """The engine built in bf16 decodes through the kernel (where it wins the probe), with the same logits as
     through the bmms."""
     d = checkpoint_dir("v2_236b", kv_lora_rank=64, qk_rope_head_dim=32)

@@ -80,7 +80,7 @@ class CpuMLADecode:
             return None
         try:
             return cls(ctypes.CDLL(str(compile_library())))
-        except (OSError, subprocess.SubprocessError) as e:
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # RuntimeError: no home directory
             detail = getattr(e, "stderr", "") or str(e)
             log.warning("could not build the CPU MLA decode kernel (%s); using the bmm form", detail.strip()[:500])
             return None

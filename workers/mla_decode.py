@@ -3,8 +3,8 @@
 `mla_decode(q [B, H, L+R], cache [N, page, L+R], meta, scale, L) -> [B, H, L]`: each decode query
 [q_latent | q_pe] scores its sequence's cached entries [c_kv | k_pe], and the softmax-weighted sum of the c_kv is
 returned (W_UV is applied by the caller). On CUDA the Triton kernel reads the cache in place through the block
-tables (`triton_mla_decode`); on CPUs with AVX512-BF16, in bf16, so do the C kernels of `CpuMLADecode` where they
-build and beat the bmm form on a probe (MOE_SERVE_CPU_MLA_KERNEL=0 turns them off); elsewhere the entries are
+tables (`triton_mla_decode`); on CPUs with AVX512-BF16, in bf16, so does the C kernel of `CpuMLADecode` where it
+builds and beats the bmm form on a probe (MOE_SERVE_CPU_MLA_KERNEL=0 turns it off); elsewhere the entries are
 gathered and scored with two bmms.
 """
 
@@ -53,7 +53,7 @@ def kernel_takes(latent_dim: int, rope_dim: int) -> bool:
 
 def select_mla_decode(device: torch.device, dtype: torch.dtype, latent_dim: int, rope_dim: int) -> MLADecode:
     """On CUDA, the Triton kernel where it compiles and agrees with the bmm form on a small case; on CPU in bf16,
-    the C kernels where they build, agree and are faster on a probe; else the bmms."""
+    the C kernel where it builds, agrees and is faster on a probe; else the bmms."""
     if device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get("MOE_SERVE_CPU_MLA_KERNEL") != "0":
         return _select_cpu(latent_dim, rope_dim)
     if device.type != "cuda" or not kernel_takes(latent_dim, rope_dim):
@@ -82,7 +82,7 @@ def _select_cpu(latent_dim: int, rope_dim: int) -> MLADecode:
     # a probe at a decode batch's scale: 32 sequences of 96-160 tokens, best of three each
     q, cache, meta = decode_case(tuple(96 + 2 * i for i in range(32)), 16, latent_dim, rope_dim, cpu, dtype)
     ours, bmm = (_best_of(3, fn, q, cache, meta, latent_dim) for fn in (kernel, torch_mla_decode))
-    log.info("CPU MLA decode probe: C kernels %.0f us, bmm form %.0f us", ours * 1e6, bmm * 1e6)
+    log.info("CPU MLA decode probe: C kernel %.0f us, bmm form %.0f us", ours * 1e6, bmm * 1e6)
     return kernel if ours < bmm else torch_mla_decode
 
 
