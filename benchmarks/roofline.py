@@ -21,18 +21,21 @@ def attention_params(c: dict) -> int:
     return q + D * (L + R) + L * H * (N + V) + H * V * D
 
 
+def weight_params(c: dict, experts: float) -> float:
+    """Parameters of the matrices but the embedding, with `experts` of the routed experts in each MoE layer."""
+    D, layers, E = c["hidden_size"], c["num_hidden_layers"], c["n_routed_experts"]
+    dense_layers = min(c["first_k_dense_replace"], layers) if E else layers
+    moe_layer = 3 * D * c["moe_intermediate_size"] * (c["n_shared_experts"] + experts) + E * D
+    return (layers * attention_params(c) + dense_layers * 3 * D * c["intermediate_size"]
+            + (layers - dense_layers) * moe_layer + D * c["vocab_size"])
+
+
 def step_bytes(c: dict, batch: int, context: int, dtype_bytes: int = 2) -> tuple[float, float]:
     """(weight bytes, cache bytes) one decode step of `batch` sequences at `context` tokens reads."""
-    D, layers = c["hidden_size"], c["num_hidden_layers"]
     E, k = c["n_routed_experts"], c["num_experts_per_tok"]
-    dense_layers = min(c["first_k_dense_replace"], layers) if E else layers
-    expert = 3 * D * c["moe_intermediate_size"]
     experts_read = E * (1 - (1 - k / E) ** batch) if E else 0.0
-    moe_layer = 3 * D * c["moe_intermediate_size"] * c["n_shared_experts"] + E * D + experts_read * expert
-    params = (layers * attention_params(c) + dense_layers * 3 * D * c["intermediate_size"]
-              + (layers - dense_layers) * moe_layer + D * c["vocab_size"])
-    cache = batch * context * layers * (c["kv_lora_rank"] + c["qk_rope_head_dim"])
-    return params * dtype_bytes, cache * dtype_bytes
+    cache = batch * context * c["num_hidden_layers"] * (c["kv_lora_rank"] + c["qk_rope_head_dim"])
+    return weight_params(c, experts_read) * dtype_bytes, cache * dtype_bytes
 
 
 def roofline_tok_s(c: dict, batch: int, context: int, bandwidth: float, dtype_bytes: int = 2) -> float:
@@ -43,13 +46,9 @@ def roofline_tok_s(c: dict, batch: int, context: int, bandwidth: float, dtype_by
 
 def step_flops(c: dict, batch: int, context: int) -> float:
     """FLOPs (2 per multiply-add) of one decode step of `batch` sequences at `context` tokens."""
-    D, H, layers = c["hidden_size"], c["num_attention_heads"], c["num_hidden_layers"]
-    E, k = c["n_routed_experts"], c["num_experts_per_tok"]
-    dense_layers = min(c["first_k_dense_replace"], layers) if E else layers
-    moe_layer = 3 * D * c["moe_intermediate_size"] * (c["n_shared_experts"] + k) + E * D
-    per_token = (layers * attention_params(c) + dense_layers * 3 * D * c["intermediate_size"]
-                 + (layers - dense_layers) * moe_layer + D * c["vocab_size"])  # W_UK and W_UV absorbed: the same
-    attention = layers * H * context * (2 * c["kv_lora_rank"] + c["qk_rope_head_dim"])  # scores, then the sum
+    per_token = weight_params(c, c["num_experts_per_tok"] if c["n_routed_experts"] else 0)  # W_UK, W_UV absorbed alike
+    attention = (c["num_hidden_layers"] * c["num_attention_heads"] * context
+                 * (2 * c["kv_lora_rank"] + c["qk_rope_head_dim"]))  # scores over [c_kv | k_pe], then the sum of c_kv
     return 2.0 * batch * (per_token + attention)
 
 
