@@ -1,5 +1,5 @@
 """The CPU MLA decode kernel (AVX512-BF16, C) against the gather-and-bmm form, and their choice at build time.
-Skipped where this CPU or compiler cannot build them."""
+Skipped where this CPU or compiler cannot build it."""
 
 import math
 from dataclasses import replace
@@ -27,7 +27,7 @@ def threads(request):
 
 @pytest.mark.parametrize("heads, page", [(16, 16), (20, 12)])  # 20: a partial head block; 12: not a power of two
 def test_kernel_matches_bmm_form(threads, heads, page):
-    lens = (1, 37, 130, 300, 2)  # one entry; odd lengths; several value tiles of 128
+    lens = (1, 37, 130, 300, 2)  # one entry; odd lengths; several tiles of 128
     q, cache, meta = decode_case(lens, heads, 64, 32, CPU, BF16, page=page, seed=3)
     got = KERNEL(q, cache, meta, 0.1, 64)  # [B, H, L]
     want = torch_mla_decode(q.float(), cache.float(), meta, 0.1, 64)
