@@ -151,7 +151,7 @@ void mla_decode(const uint16_t *q, const uint16_t *cache, const int64_t *tables,
   const __m512i idx = _mm512_loadu_si512(interleave);
 #pragma omp parallel num_threads(threads)
   {
-  const uint16_t **ptr = malloc((longest + 2) * sizeof(*ptr));  /* a sequence's entries, in order */
+  const uint16_t **ptr = malloc((longest + 1) * sizeof(*ptr));  /* a sequence's entries, in order, and one more */
   uint16_t *qb = aligned_alloc(64, HB * D * sizeof(uint16_t));  /* a block of heads, zero-padded to HB */
   float *rows = aligned_alloc(64, HB * TILE * sizeof(float));  /* [HB, tp] a tile's scores */
   uint16_t *probs = aligned_alloc(64, HB * TILE * sizeof(uint16_t));  /* [HB, tp] their weights */
@@ -161,7 +161,7 @@ void mla_decode(const uint16_t *q, const uint16_t *cache, const int64_t *tables,
     const int64_t b = item / blocks, h0 = item % blocks * HB, hb = H - h0 < HB ? H - h0 : HB;
     const int64_t n = lens[b];
     for (int64_t s = 0; s < n; s++) ptr[s] = entry(cache, tables + b * M, page, D, s);
-    ptr[n] = ptr[n + 1] = n ? ptr[n - 1] : cache;  /* an odd length's last pair: its weight is zero */
+    ptr[n] = n ? ptr[n - 1] : cache;  /* an odd length's last pair: its weight is zero */
     memset(qb, 0, HB * D * sizeof(uint16_t));
     memcpy(qb, q + (b * H + h0) * D, hb * D * sizeof(uint16_t));
     memset(acc_mem, 0, HB * L * sizeof(float));
