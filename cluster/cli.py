@@ -218,9 +218,9 @@ def cmd_up(args) -> int:
     from cluster.serve_app import SERVE_ENV
 
     server = config.server
-    direct = server.ingress == "direct"
+    direct = server.ingress in ("direct", "engine")
     if direct and not own_ray:
-        raise config.error("server.ingress", "direct is set up in the Ray that `moe-serve up` starts; on a cluster "
+        raise config.error("server.ingress", f"{server.ingress} is set up in the Ray that `moe-serve up` starts; on a cluster "
                            "started elsewhere use proxy (or start its nodes with Serve's direct ingress variables, "
                            "cluster/direct_ingress.py)")
     if own_ray:  # for the Ray we start (its processes take our environment), unless set otherwise
@@ -262,7 +262,8 @@ def cmd_up(args) -> int:
         say(f"deploying '{options.model_name}'; waiting for {options.initial_replicas} engine replica(s) to load "
             f"{model} ...")
         serve.run(build_serve_app(options), name="moe-serve", route_prefix="/")
-        listener = "the Ingress replica, direct" if direct else "Serve's proxy"
+        listener = {"proxy": "Serve's proxy", "direct": "the Ingress replica, direct",
+                    "engine": "the engine replica, direct"}[server.ingress]
         say(f"serving '{options.model_name}' ({listener} on the ports)\n"
             f"  HTTP (OpenAI-compatible): http://{server.host}:{server.http_port}/v1\n"
             f"  gRPC (moe_serve.v1.MoeServe): {server.host}:{server.grpc_port}\n"
@@ -378,8 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--malloc", choices=["tcmalloc", "system"],
                    help="allocator of the Ray workers started here: tcmalloc where installed (resources.malloc)")
     u.add_argument("--host", help="address to listen on; 0.0.0.0 exposes the server (server.host)")
-    u.add_argument("--ingress", choices=["proxy", "direct"],
-                   help="who listens on the ports: Serve's proxy, or the Ingress replicas directly (server.ingress)")
+    u.add_argument("--ingress", choices=["proxy", "direct", "engine"],
+                   help="who listens on the ports: Serve's proxy, the Ingress replicas directly, or the one engine "
+                        "replica directly, with no separate Ingress (server.ingress)")
     u.add_argument("--http-port", type=int)
     u.add_argument("--grpc-port", type=int)
     u.add_argument("--address", default=None,

@@ -45,6 +45,9 @@ class ServeOptions:
     attention_worker_resources: dict = field(default_factory=lambda: {"CPU": 1.0})
     expert_worker_resources: dict = field(default_factory=lambda: {"CPU": 1.0})
     api_keys: tuple[str, ...] = ()
+    # one replica is the engine and its front doors (EngineIngress), for one engine replica; else an Ingress
+    # routes over the engine replicas
+    engine_ingress: bool = False
     session_ttl_s: float = 1800.0
     routing_stats_period_s: float = 1.0
 
@@ -74,6 +77,9 @@ def build_serve_app(options: ServeOptions):
     from cluster.ray_executor import WorkerPools
     from router.ingress import Ingress
 
+    pools = WorkerPools(options.attention_worker_resources, options.expert_worker_resources)
+    if options.engine_ingress:
+        return engine_ingress_app(options, pools)
     autoscaling = options.autoscaling
     engine = serve.deployment(
         EngineServer, name="EngineServer",
@@ -86,10 +92,27 @@ def build_serve_app(options: ServeOptions):
             request_router_class="router.least_work_router:LeastWorkRouter",
             request_routing_stats_period_s=options.routing_stats_period_s),
         health_check_period_s=2.0,  # a replica whose engine could not be rebuilt is replaced soon
-    ).bind(options.engine, WorkerPools(options.attention_worker_resources, options.expert_worker_resources))
+    ).bind(options.engine, pools)
     ingress = serve.deployment(serve.ingress()(Ingress), name="Ingress", num_replicas=options.router_replicas,
                                max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine, options.engine.model, options.model_name, options.api_keys, options.session_ttl_s)
+
+
+def engine_ingress_app(options: ServeOptions, pools):
+    """One EngineIngress replica: the engine and both doors in one process."""
+    from ray import serve
+
+    from cluster.engine_ingress import EngineIngress
+
+    if options.initial_replicas != 1 or options.autoscaling or options.router_replicas != 1:
+        raise ValueError("engine_ingress serves one engine replica with its own doors: give engine_replicas 1, "
+                         "router_replicas 1 and no autoscaling (or route over several with an Ingress)")
+    return serve.deployment(
+        serve.ingress()(EngineIngress), name="EngineIngress", num_replicas=1, max_ongoing_requests=4096,
+        ray_actor_options={"num_cpus": options.engine_cpus, "num_gpus": options.engine_gpus,
+                           "resources": options.engine_resources},
+        health_check_period_s=2.0,
+    ).bind(options.engine, pools, options.model_name, options.api_keys, options.session_ttl_s)
 
 
 def grpc_options(port: int):

@@ -105,8 +105,9 @@ class Server(Section):
     grpc_port: int = Field(9000, ge=0, le=65535)
     api_keys: list[str] = []  # require 'Authorization: Bearer KEY'
     # proxy: Serve's proxy listens on the ports and hands each request to an Ingress replica; direct: the Ingress
-    # replicas listen on them themselves, one hop less (cluster/direct_ingress.py; a Ray `moe-serve up` starts)
-    ingress: Literal["proxy", "direct"] = "proxy"
+    # replicas listen on them themselves, one hop less (cluster/direct_ingress.py; a Ray `moe-serve up` starts);
+    # engine: as direct, with the one engine replica its own Ingress (cluster/engine_ingress.py)
+    ingress: Literal["proxy", "direct", "engine"] = "proxy"
 
 
 class ServeConfig(Section):
@@ -158,8 +159,20 @@ class ServeConfig(Section):
             raise self.error("replicas.engine", "give a fixed count or autoscaling bounds, not both")
         if self.model.shapes is not None and not Path(self.model.shapes, "config.json").is_file():
             raise self.error("model.shapes", f"no config.json in {self.model.shapes}")
-        if self.server.ingress == "direct":
+        if self.server.ingress == "engine":
+            self.check_engine_ingress()
+        if self.server.ingress in ("direct", "engine"):
             self.check_direct_ports()
+
+    def check_engine_ingress(self) -> None:
+        """The engine replica serves the doors itself: there is one, and no separate Ingress."""
+        if self.autoscaling is not None:
+            raise self.error("autoscaling", "ingress engine serves one engine replica; autoscaling needs ingress "
+                             "proxy or direct (an Ingress routing over the replicas)")
+        for name in ("engine", "router"):
+            if getattr(self.replicas, name) != 1:
+                raise self.error(f"replicas.{name}", "ingress engine serves one engine replica with its own doors; "
+                                 "give 1, or use ingress proxy or direct for several")
 
     def check_direct_ports(self) -> None:
         """Direct ingress: each node's Ingress replicas take the ports from http_port and from grpc_port, one each."""
@@ -227,7 +240,7 @@ class ServeConfig(Section):
             engine_cpus=r.engine.cpus, engine_gpus=r.engine.gpus, engine_resources=dict(r.engine.custom),
             attention_worker_resources=r.attention_worker.ray_resources(),
             expert_worker_resources=r.expert_worker.ray_resources(),
-            api_keys=tuple(self.server.api_keys))
+            api_keys=tuple(self.server.api_keys), engine_ingress=self.server.ingress == "engine")
 
 
 def read_yaml(path: str) -> dict:

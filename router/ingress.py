@@ -7,6 +7,7 @@ refusals become status codes on Serve's grpc_context.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from router.async_engine import EngineError
@@ -36,13 +37,21 @@ class Ingress:
         """Built on first use: the engine replicas tell us the served context length."""
         if not hasattr(self, "engine"):
             info = await self.handle.info.remote()
-            self.engine = EngineHandle(self.handle, load_tokenizer(self.model_dir),
-                                       ModelConfig.from_pretrained(self.model_dir), info.max_model_len)
-            self.metrics = Metrics(self.engine, self.model_name)
-            self.front = Frontend(self.engine, self.model_name, SessionStore(self.session_ttl_s),
-                                  self.metrics.observe)
-            self.grpc = GrpcServicer(self.front, self.limits.api_keys)
+            self._serve(EngineHandle(self.handle, load_tokenizer(self.model_dir),
+                                     ModelConfig.from_pretrained(self.model_dir), info.max_model_len))
         return self.engine
+
+    def _serve(self, engine) -> None:
+        """The doors over the engine (EngineHandle, or an AsyncEngine in this process): one Frontend and one
+        SessionStore for both."""
+        self.engine = engine
+        self.metrics = Metrics(engine, self.model_name)
+        self.front = Frontend(engine, self.model_name, SessionStore(self.session_ttl_s), self.metrics.observe)
+        self.grpc = GrpcServicer(self.front, self.limits.api_keys)
+
+    async def _engine_answers(self) -> None:
+        """Raises unless the engine replicas answer (the gRPC health check)."""
+        await asyncio.wait_for(self.handle.info.remote(), timeout=5)
 
     async def __serve_build_asgi_app__(self):
         engine = await self._engine()
@@ -73,9 +82,7 @@ class Ingress:
         return await self._unary(self.grpc.DeleteSession, request, grpc_context)
 
     async def Check(self, request, grpc_context):
-        """grpc.health.v1: SERVING while the engine replicas answer."""
-        import asyncio
-
+        """grpc.health.v1: SERVING while the engine answers."""
         from grpc_health.v1 import health_pb2
 
         from router.grpc_server import SERVICE
@@ -84,7 +91,7 @@ class Ingress:
             refuse(grpc_context, RequestError(404, f"unknown service {request.service!r}"))
             raise RequestError(404, f"unknown service {request.service!r}")
         try:
-            await asyncio.wait_for(self.handle.info.remote(), timeout=5)
+            await self._engine_answers()
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception:  # noqa: BLE001 - any failure to answer is "not serving"
             status = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -91,10 +91,14 @@ def test_an_impossible_plan_is_refused_with_the_plan(tmp_path, yaml_text, messag
     ("autoscaling: {max_replicas: 2}\nreplicas: {engine: 2}\n", "replicas.engine", "not both"),
     ("autoscaling: {min_replicas: 2}\n", "autoscaling.max_replicas", "required"),
     ("model: {shapes: nowhere}\n", "model.shapes", "no config.json in"),
-    ("server: {ingress: haproxy}\n", "server.ingress", "'proxy' or 'direct'"),
+    ("server: {ingress: haproxy}\n", "server.ingress", "'proxy', 'direct' or 'engine'"),
     ("server: {ingress: direct, http_port: 0}\n", "server.http_port", "direct ingress needs 1 port(s) from it"),
     ("server: {ingress: direct, http_port: 8000, grpc_port: 8001}\nreplicas: {router: 2}\n", "server.grpc_port",
      "they overlap"),
+    ("server: {ingress: engine}\nreplicas: {engine: 2}\n", "replicas.engine", "serves one engine replica"),
+    ("server: {ingress: engine}\nreplicas: {router: 2}\n", "replicas.router", "serves one engine replica"),
+    ("server: {ingress: engine}\nautoscaling: {max_replicas: 2}\n", "autoscaling", "autoscaling needs ingress"),
+    ("server: {ingress: engine, http_port: 0}\n", "server.http_port", "direct ingress needs 1 port(s) from it"),
 ])
 def test_bad_config_names_file_and_field(tmp_path, yaml_text, field, message):
     path = tmp_path / "bad.yaml"

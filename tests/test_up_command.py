@@ -1,6 +1,7 @@
 """`moe-serve up` with no arguments, as a user runs it: it makes the embedded default model, serves it, answers a
 first real request over HTTP and prints it, serves others over HTTP and gRPC, on loopback only, and Ctrl-C stops it
-cleanly. With `--ingress direct`, the same, with the Ingress replica itself (not Serve's proxy) on the ports."""
+cleanly. With `--ingress direct`, the same, with the Ingress replica itself (not Serve's proxy) on the ports; with
+`--ingress engine`, the one engine replica on the ports, with no Ingress replica."""
 
 import os
 import signal
@@ -20,7 +21,7 @@ from proto import moe_serve_pb2_grpc as pb_grpc
 from workers.multiproc_executor import free_port
 
 
-@pytest.mark.parametrize("ingress", ["proxy", "direct"])
+@pytest.mark.parametrize("ingress", ["proxy", "direct", "engine"])
 def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path, ingress):
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
@@ -49,12 +50,13 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path, ingress):
                                                                              ignore_eos=True)),
                 metadata=[("application", "moe-serve")]))
         assert sum(len(m.token_ids) for m in replies) == 5
-        listener = {"proxy": "ProxyActor", "direct": "ServeReplica:moe-serve:Ingress"}[ingress]
+        listener = {"proxy": "ProxyActor", "direct": "ServeReplica:moe-serve:Ingress ",
+                    "engine": "ServeReplica:moe-serve:EngineIngress"}[ingress]
         for port in (http_port, grpc_port):  # both doors on loopback, not on the machine's other addresses
             sockets = [c for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port]
             listening = [c.laddr.ip for c in sockets]
             assert listening and set(listening) <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, (port, listening)
-            owners = {" ".join(psutil.Process(c.pid).cmdline()) for c in sockets}
+            owners = {" ".join(psutil.Process(c.pid).cmdline()) + " " for c in sockets}
             assert all(listener in owner for owner in owners), (port, owners)
             for address in {a.address for nic in psutil.net_if_addrs().values() for a in nic
                             if a.family == socket.AF_INET and not a.address.startswith("127.")}:
@@ -62,8 +64,11 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path, ingress):
                     assert s.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
         ray_processes = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started
         assert any("raylet" in c.name() for c in ray_processes)
-        engine = [c for c in ray_processes if "EngineServer" in " ".join(c.cmdline())]
+        model_holder = "EngineIngress" if ingress == "engine" else "EngineServer"
+        engine = [c for c in ray_processes if model_holder in " ".join(c.cmdline())]
         assert len(engine) == 1
+        ingress_replicas = [c for c in ray_processes if "moe-serve:Ingress " in " ".join(c.cmdline()) + " "]
+        assert len(ingress_replicas) == (0 if ingress == "engine" else 1)
         if malloc.tcmalloc() and "LD_PRELOAD" not in os.environ:  # the default, where installed: in the replica
             assert "memory allocator of the workers: tcmalloc" in out
             assert any("tcmalloc" in m.path for m in engine[0].memory_maps())
