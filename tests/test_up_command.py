@@ -1,7 +1,8 @@
 """`moe-serve up` with no arguments, as a user runs it: it makes the embedded default model, serves it, answers a
-first real request over HTTP and prints it, serves others over HTTP and gRPC, on loopback only, and Ctrl-C stops it
-cleanly. With `--ingress direct`, the same, with the Ingress replica itself (not Serve's proxy) on the ports; with
-`--ingress engine`, the one engine replica on the ports, with no Ingress replica."""
+first real request over HTTP and prints it, serves others over HTTP and gRPC, on loopback only, reports healthy
+(gRPC health, `moe-serve status`), and Ctrl-C stops it cleanly. With `--ingress direct`, the same, with the Ingress
+replica itself (not Serve's proxy) on the ports; with `--ingress engine`, the one engine replica on the ports, with no
+Ingress replica."""
 
 import os
 import signal
@@ -14,6 +15,7 @@ import grpc
 import httpx
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cluster import malloc
 from proto import moe_serve_pb2 as pb
@@ -49,7 +51,16 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path, ingress):
                 pb.GenerateRequest(text="def f(", params=pb.SamplingParams(max_tokens=5, temperature=0,
                                                                              ignore_eos=True)),
                 metadata=[("application", "moe-serve")]))
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="moe_serve.v1.MoeServe"), metadata=[("application", "moe-serve")])
         assert sum(len(m.token_ids) for m in replies) == 5
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        status = subprocess.run([sys.executable, "-m", "cluster.cli", "status"], env=env, capture_output=True,
+                                text=True, timeout=60, check=False)
+        assert status.returncode == 0, status.stderr
+        holder = "EngineIngress" if ingress == "engine" else "EngineServer"
+        assert f"{holder}: HEALTHY, replicas: 1 RUNNING" in status.stdout, status.stdout
+        assert status.stdout.count("KV cache") == 1, status.stdout  # the engine replica posted its stats
         listener = {"proxy": "ProxyActor", "direct": "ServeReplica:moe-serve:Ingress ",
                     "engine": "ServeReplica:moe-serve:EngineIngress"}[ingress]
         for port in (http_port, grpc_port):  # both doors on loopback, not on the machine's other addresses
@@ -64,8 +75,7 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path, ingress):
                     assert s.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
         ray_processes = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started
         assert any("raylet" in c.name() for c in ray_processes)
-        model_holder = "EngineIngress" if ingress == "engine" else "EngineServer"
-        engine = [c for c in ray_processes if model_holder in " ".join(c.cmdline())]
+        engine = [c for c in ray_processes if holder in " ".join(c.cmdline())]
         assert len(engine) == 1
         ingress_replicas = [c for c in ray_processes if "moe-serve:Ingress " in " ".join(c.cmdline()) + " "]
         assert len(ingress_replicas) == (0 if ingress == "engine" else 1)
