@@ -220,9 +220,9 @@ def cmd_up(args) -> int:
     server = config.server
     direct = server.ingress in ("direct", "engine")
     if direct and not own_ray:
-        raise config.error("server.ingress", f"{server.ingress} is set up in the Ray that `moe-serve up` starts; on a cluster "
-                           "started elsewhere use proxy (or start its nodes with Serve's direct ingress variables, "
-                           "cluster/direct_ingress.py)")
+        raise config.error("server.ingress", f"{server.ingress} is set up in the Ray that `moe-serve up` starts; on "
+                           "a cluster started elsewhere use proxy (or start its nodes with Serve's direct ingress "
+                           "variables, cluster/direct_ingress.py)")
     if own_ray:  # for the Ray we start (its processes take our environment), unless set otherwise
         for name, value in SERVE_ENV.items():
             os.environ.setdefault(name, value)

@@ -4,9 +4,9 @@ gRPC service), for a server of one engine replica: `moe-serve up --ingress engin
 It listens on the server's ports itself (Serve's direct ingress, cluster/direct_ingress.py), and a request reaches
 the engine in the same process: no Ray call per request, no Ray stream of outputs per step, and no second process
 beside the model's. Where the cores are few that is what counts: on the 2-core machine the separate Ingress took a
-share of a core and, by preempting it, stalled the model's second torch thread, and this replica serves ~1.3x the
-output tokens/s of an Ingress over an engine replica at concurrency 64 (benchmarks/RESULTS.md). For several engine
-replicas, or autoscaling, the Ingress routes over EngineServer replicas instead.
+share of a core, and (as we read it) its preemptions stalled the model's second torch thread; this replica served
+1.2-1.3x the output tokens/s of an Ingress over an engine replica at concurrency 64 (benchmarks/RESULTS.md). For
+several engine replicas, or autoscaling, the Ingress routes over EngineServer replicas instead.
 
 The engine is EngineServer's (`replica_engine`): its workers, when it has them, are Ray actors, and a dead one is
 replaced in place. Its stats go to the status board with each health check, for `moe-serve status`.
