@@ -53,7 +53,7 @@ def replica_engine(config: EngineConfig, pools: WorkerPools) -> tuple[str, Async
     replica = serve.get_replica_context().replica_id.unique_id
     build = partial(LLMEngine.from_config, config,
                     executor_cls=partial(RayExecutor, pools=pools, name=f"moe-serve/{replica}"))
-    return replica, AsyncEngine(build, rebuild=build)
+    return replica, AsyncEngine(build, rebuild=build, replica=replica)
 
 
 class EngineServer:

@@ -45,11 +45,13 @@ class EngineBusy(RuntimeError):
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], worker_stats_period_s: float = 5.0,
-                 rebuild: Callable[[], LLMEngine] | None = None):
+                 rebuild: Callable[[], LLMEngine] | None = None, replica: str | None = None):
         """engine: the LLMEngine, or a function that builds it. A function is called on the engine's own thread,
         which then runs every step: on CPU a model built on one thread (one OpenMP thread team) and stepped on
-        another runs ~40% slower (benchmarks/RESULTS.md). If building fails, this raises what it raised."""
+        another runs ~40% slower (benchmarks/RESULTS.md). If building fails, this raises what it raised.
+        replica: the Serve replica it runs in, named on its streams (the X-Moe-Serve-Replica header)."""
         self._rebuild = rebuild
+        self.replica = replica
         self._failure: str | None = None  # why the engine stopped for good
         self.worker_stats_period_s = worker_stats_period_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", id, prompt, params, session) | ("abort", id)
@@ -104,7 +106,7 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             raise EngineLost(self._failure)
         self._send(("add", request_id, list(prompt_ids), params, session_id, tuple(resumed)))
-        return OutputStream(stream, partial(self._forget, request_id))
+        return OutputStream(stream, partial(self._forget, request_id), self.replica)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                        session_id: str | None = None,
@@ -293,8 +295,9 @@ class OutputStream:
     does): a reader that keeps up gets every step's, one that lags is not left further behind by a message each.
     `on_close(ended)` is called once, when the stream closes: ended is True when its last output or error was out."""
 
-    def __init__(self, queue: asyncio.Queue, on_close: Callable[[bool], None]):
+    def __init__(self, queue: asyncio.Queue, on_close: Callable[[bool], None], replica: str | None = None):
         self._queue, self._on_close = queue, on_close
+        self.replica = replica  # where it runs, when that is a Serve replica
         self._open = True
         self._finished = False
         self._error: Exception | None = None  # came behind outputs merged into the last one; raised next

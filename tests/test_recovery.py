@@ -1,7 +1,8 @@
 """Recovery: an expert worker actor is killed in the middle of a streaming request. The replica rebuilds its workers
 in place; the stream moves onto the rebuilt engine with the tokens it had and goes on unbroken, as if nothing had
 died (so it waited for the rebuild); later requests give the single-process engine's tokens. If the engine cannot be rebuilt,
-it stops and refuses requests with the cause (so the replica fails its health check, and Serve replaces it)."""
+it stops and refuses requests with the cause (so the replica fails its health check, and Serve replaces it). The same
+with the engine replica serving the doors itself (`--ingress engine`: the stream moves within the replica)."""
 
 import asyncio
 import time
@@ -27,7 +28,8 @@ PROMPT = "def fibonacci(n):"
 SHORT = {"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
 
 
-def test_a_killed_expert_moves_its_stream_and_the_instance_recovers(checkpoint_dir):
+@pytest.mark.parametrize("engine_ingress", [False, True], ids=["ingress", "engine-ingress"])
+def test_a_killed_expert_moves_its_stream_and_the_instance_recovers(checkpoint_dir, engine_ingress):
     d = checkpoint_dir("v2_lite")
     local_config = EngineConfig(model=str(d), dtype="float32", kv_cache_gib=0.05, max_model_len=512)
     local = LLMEngine.from_config(local_config)
@@ -44,7 +46,8 @@ def test_a_killed_expert_moves_its_stream_and_the_instance_recovers(checkpoint_d
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         config = EngineConfig(**{**local_config.__dict__, "attention_workers": 1, "expert_workers": 2,
                                  "worker_threads": 1})
-        serve.run(build_serve_app(ServeOptions(config, model_name="tiny")), name="moe-serve", route_prefix="/")
+        serve.run(build_serve_app(ServeOptions(config, model_name="tiny", engine_ingress=engine_ingress)),
+                  name="moe-serve", route_prefix="/")
 
         base = f"http://127.0.0.1:{port}/v1"
         sid = httpx.post(base + "/sessions", json={}).json()["id"]
