@@ -27,8 +27,7 @@ class EngineIngress(Ingress):
     def __init__(self, config: EngineConfig, pools: WorkerPools, model_name: str, api_keys: tuple[str, ...] = (),
                  session_ttl_s: float = 1800.0):
         super().__init__(None, config.model, model_name, api_keys, session_ttl_s)
-        self.replica, engine = replica_engine(config, pools)
-        self._serve(engine)
+        self._serve(replica_engine(config, pools))
 
     async def _engine(self):
         return self.engine
@@ -40,7 +39,7 @@ class EngineIngress(Ingress):
     async def check_health(self) -> None:
         """Serve's health check (every 2 s): fails once the engine stopped for good, so Serve replaces the replica."""
         await self._engine_answers()
-        await asyncio.to_thread(publish, self.replica, self.engine.stats())
+        await asyncio.to_thread(publish, self.engine.replica, self.engine.stats())
 
     def __del__(self):
         if hasattr(self, "engine"):

@@ -45,20 +45,21 @@ class EngineInfo(NamedTuple):
     vocab_size: int
 
 
-def replica_engine(config: EngineConfig, pools: WorkerPools) -> tuple[str, AsyncEngine]:
-    """(this Serve replica's id, its engine): built on the engine's own thread, which steps it, and rebuilt in place
-    with new workers when one dies."""
+def replica_engine(config: EngineConfig, pools: WorkerPools) -> AsyncEngine:
+    """This Serve replica's engine, named by the replica's id (`.replica`): built on the engine's own thread, which
+    steps it, and rebuilt in place with new workers when one dies."""
     from ray import serve
 
     replica = serve.get_replica_context().replica_id.unique_id
     build = partial(LLMEngine.from_config, config,
                     executor_cls=partial(RayExecutor, pools=pools, name=f"moe-serve/{replica}"))
-    return replica, AsyncEngine(build, rebuild=build, replica=replica)
+    return AsyncEngine(build, rebuild=build, replica=replica)
 
 
 class EngineServer:
     def __init__(self, config: EngineConfig, pools: WorkerPools):
-        self.replica, self.engine = replica_engine(config, pools)
+        self.engine = replica_engine(config, pools)
+        self.replica = self.engine.replica
         self.channels: dict[str, OutputChannel] = {}  # by Ingress replica
         log.info("engine replica %s ready: %s", self.replica, config.model)
 
