@@ -1,5 +1,5 @@
-"""Linear weights prepacked for oneDNN (CPU, bfloat16): the same outputs as the plain layers, the same greedy
-tokens from the engine, and the layers whose weights are read directly or shared left alone."""
+"""Linear weights prepacked for oneDNN (CPU, float32 and bfloat16): the same outputs as the plain layers, the same
+greedy tokens from the engine, and the layers whose weights are read directly or shared left alone."""
 
 import pytest
 import torch
@@ -19,22 +19,30 @@ from workers.packed_linear import (
 )
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(not packing_helps(CPU, torch.bfloat16), reason="no oneDNN bf16 kernels here")
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN here")
+DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not packing_helps(CPU, dtype), reason="no oneDNN kernels"))
+          for dtype in (torch.float32, torch.bfloat16)]
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-def test_chosen_for_cpu_bf16_only():
-    assert not packing_helps(CPU, torch.float32)
+def test_chosen_for_cpu_float32_and_bf16_where_the_cpu_has_it():
+    assert packing_helps(CPU, torch.float32)
+    assert packing_helps(CPU, torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert not packing_helps(CPU, torch.float16)
     assert not packing_helps(torch.device("cuda"), torch.bfloat16)
+    assert not packing_helps(torch.device("cuda"), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 5, 96), (21, 96), (3, 50, 96)])  # 21 and 150 rows: padded
-def test_same_result_as_linear(shape):
+def test_same_result_as_linear(shape, dtype):
     torch.manual_seed(0)
-    linear = nn.Linear(96, 160, bias=True).to(torch.bfloat16)
-    x = torch.randn(*shape, 96).to(torch.bfloat16)
+    linear = nn.Linear(96, 160, bias=True).to(dtype)
+    x = torch.randn(*shape, 96).to(dtype)
     got = PackedLinear(linear)(x)
-    assert got.shape == (*shape, 160) and got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-2, atol=1e-2)
+    assert got.shape == (*shape, 160) and got.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=tol, atol=tol)
 
 
 def test_row_buckets_few_and_tight():
@@ -49,12 +57,12 @@ def test_warm_up_runs_each_distinct_shape_once_at_every_row_bucket(monkeypatch):
     from workers.packed_experts import PackedExperts
 
     def linear(k, n, bias=False):
-        return PackedLinear(nn.Linear(k, n, bias=bias).to(torch.bfloat16))
+        return PackedLinear(nn.Linear(k, n, bias=bias))
 
     experts = Experts.__new__(Experts)  # two experts of hidden 64, intermediate 32: w13 [64, 64], w2 [64, 32]
     nn.Module.__init__(experts)
     experts.expert_ids, experts.intermediate = [0, 1], 32
-    experts.w13, experts.w2 = torch.randn(2, 64, 64).bfloat16(), torch.randn(2, 64, 32).bfloat16()
+    experts.w13, experts.w2 = torch.randn(2, 64, 64), torch.randn(2, 64, 32)
     model = nn.ModuleList([linear(64, 96), linear(64, 96), linear(64, 96, bias=True), linear(96, 64),
                            PackedExperts(experts)])
     runs = []
@@ -71,14 +79,16 @@ def test_warm_up_runs_each_distinct_shape_once_at_every_row_bucket(monkeypatch):
     assert max(rows for rows, *_ in runs) == packed_linear.WARM_ROWS  # above it a call's work dwarfs its kernel's
 
 
-def test_pack_leaves_read_and_shared_weights(checkpoint_dir):
-    eng = engine(checkpoint_dir("llama_mha", tie_word_embeddings=True), dtype="bfloat16")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pack_leaves_read_and_shared_weights(checkpoint_dir, dtype):
+    dtype = str(dtype).removeprefix("torch.")
+    eng = engine(checkpoint_dir("llama_mha", tie_word_embeddings=True), dtype=dtype)
     model = eng.executor.runner.model
     assert type(model.lm_head) is nn.Linear  # tied to the embedding: packing would keep a second copy
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert isinstance(model.model.layers[0].self_attn.o_proj, PackedLinear)
 
-    eng = engine(checkpoint_dir("v2_lite"), dtype="bfloat16")
+    eng = engine(checkpoint_dir("v2_lite"), dtype=dtype)
     model = eng.executor.runner.model
     attn = model.model.layers[0].self_attn
     assert type(attn.kv_b_proj) is nn.Linear  # the absorbed decode reads its weight
@@ -86,12 +96,15 @@ def test_pack_leaves_read_and_shared_weights(checkpoint_dir):
     assert pack_linears(model) == 0  # nothing left to pack
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["v2_lite", "llama_mqa"])
-def test_engine_tokens_unchanged(checkpoint_dir, kind, monkeypatch):
-    d = checkpoint_dir(kind)
+def test_engine_tokens_unchanged(checkpoint_dir, kind, dtype, monkeypatch):
+    d, dtype = checkpoint_dir(kind), str(dtype).removeprefix("torch.")
     prompts = random_prompts([5, 40, 17], seed=3)
-    packed = generate_tokens(engine(d, dtype="bfloat16"), prompts)
+    packed_engine = engine(d, dtype=dtype)
+    assert isinstance(packed_engine.executor.runner.model.lm_head, PackedLinear)
+    packed = generate_tokens(packed_engine, prompts)
     monkeypatch.setattr("workers.model_runner.packing_helps", lambda *a: False)
-    plain_engine = engine(d, dtype="bfloat16")
+    plain_engine = engine(d, dtype=dtype)
     assert not any(isinstance(m, PackedLinear) for m in plain_engine.executor.runner.model.modules())
     assert packed == generate_tokens(plain_engine, prompts)
