@@ -1,5 +1,5 @@
-"""The CPU MLA decode kernel (AVX512-BF16, C) against the gather-and-bmm form, and their choice at build time.
-Skipped where this CPU or compiler cannot build it."""
+"""The CPU MLA decode kernels (C: bf16 with AVX512-BF16, float32 with AVX2) against the gather-and-bmm form, and
+their choice at build time. Each dtype's cases are skipped where this CPU or compiler cannot build its kernel."""
 
 import math
 from dataclasses import replace
@@ -12,9 +12,16 @@ from workers import mla_decode
 from workers.cpu_mla_decode import CpuMLADecode
 from workers.mla_decode import decode_case, select_mla_decode, torch_mla_decode
 
-CPU, BF16 = torch.device("cpu"), torch.bfloat16
-KERNEL = CpuMLADecode.build(64, 32)
-pytestmark = pytest.mark.skipif(KERNEL is None, reason="no AVX512-BF16 on this CPU, or no C compiler")
+CPU, BF16, F32 = torch.device("cpu"), torch.bfloat16, torch.float32
+KERNELS = {dtype: CpuMLADecode.build(64, 32, dtype) for dtype in (BF16, F32)}
+TOLERANCE = {BF16: 2e-2, F32: 1e-5}
+
+
+@pytest.fixture(params=[pytest.param(dtype, marks=pytest.mark.skipif(KERNELS[dtype] is None,
+                                                                      reason="no kernel for it on this CPU"))
+                        for dtype in (BF16, F32)], ids=["bf16", "float32"])
+def dtype(request):
+    return request.param
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
@@ -26,22 +33,23 @@ def threads(request):
 
 
 @pytest.mark.parametrize("heads, page", [(16, 16), (20, 12)])  # 20: a partial head block; 12: not a power of two
-def test_kernel_matches_bmm_form(threads, heads, page):
-    lens = (1, 37, 130, 300, 2)  # one entry; odd lengths; several tiles of 128
-    q, cache, meta = decode_case(lens, heads, 64, 32, CPU, BF16, page=page, seed=3)
-    got = KERNEL(q, cache, meta, 0.1, 64)  # [B, H, L]
+def test_kernel_matches_bmm_form(threads, dtype, heads, page):
+    lens = (1, 37, 130, 300, 2)  # one entry; odd lengths; several tiles (of 128 in bf16, 64 in float32)
+    q, cache, meta = decode_case(lens, heads, 64, 32, CPU, dtype, page=page, seed=3)
+    got = KERNELS[dtype](q, cache, meta, 0.1, 64)  # [B, H, L]
     want = torch_mla_decode(q.float(), cache.float(), meta, 0.1, 64)
-    assert got.shape == (len(lens), heads, 64) and got.dtype == BF16
-    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    assert got.shape == (len(lens), heads, 64) and got.dtype == dtype
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 
-def test_reads_nothing_past_a_sequence(threads):
+def test_reads_nothing_past_a_sequence(threads, dtype):
     """Cache slots past each length (the rest of its last block, every other block, and block 0, which pads the
     block tables) hold NaN: none may reach the output, including the odd lengths' unpaired last entries."""
     lens = (5, 33, 16)
-    q, cache, meta = decode_case(lens, 16, 64, 32, CPU, BF16, page=16, seed=4)
-    want = KERNEL(q, cache, meta, 0.1, 64)
-    poisoned = torch.full((1 + cache.shape[0], *cache.shape[1:]), math.nan, dtype=BF16)  # block 0 added
+    q, cache, meta = decode_case(lens, 16, 64, 32, CPU, dtype, page=16, seed=4)
+    want = KERNELS[dtype](q, cache, meta, 0.1, 64)
+    poisoned = torch.full((1 + cache.shape[0], *cache.shape[1:]), math.nan, dtype=dtype)  # block 0 added
     for i, n in enumerate(lens):
         for s in range(n):
             block, offset = meta.block_tables[i, s // 16], s % 16
@@ -49,51 +57,53 @@ def test_reads_nothing_past_a_sequence(threads):
     shifted = torch.zeros_like(meta.block_tables)  # table padding points at the NaN block
     for i, n in enumerate(lens):
         shifted[i, : -(-n // 16)] = meta.block_tables[i, : -(-n // 16)] + 1
-    got = KERNEL(q, poisoned, replace(meta, block_tables=shifted), 0.1, 64)
+    got = KERNELS[dtype](q, poisoned, replace(meta, block_tables=shifted), 0.1, 64)
     assert torch.isfinite(got.float()).all()
     assert torch.equal(got, want)
 
 
-def test_chosen_where_it_builds_agrees_and_wins(monkeypatch):
-    assert select_mla_decode(CPU, torch.float32, 64, 32) is torch_mla_decode  # a bf16 kernel only
-    assert select_mla_decode(CPU, BF16, 64, 8) is torch_mla_decode  # entries of 72: not whole 32-wide chunks
-    assert select_mla_decode(CPU, BF16, 56, 40) is torch_mla_decode  # latents of 56: not whole 16-wide chunks
-    assert select_mla_decode(CPU, BF16, 0, 0) is torch_mla_decode  # a dense model: no latents
+def test_chosen_where_it_builds_agrees_and_wins(monkeypatch, dtype):
+    assert select_mla_decode(CPU, torch.float16, 64, 32) is torch_mla_decode  # no kernel for it
+    assert select_mla_decode(CPU, BF16, 64, 8) is torch_mla_decode  # bf16 entries of 72: not whole 32-wide chunks
+    assert select_mla_decode(CPU, F32, 64, 4) is torch_mla_decode  # float32 entries of 68: not whole 8-wide chunks
+    assert select_mla_decode(CPU, dtype, 56, 40) is torch_mla_decode  # latents of 56: not whole 16-wide chunks
+    assert select_mla_decode(CPU, dtype, 0, 0) is torch_mla_decode  # a dense model: no latents
     timings = {}
     monkeypatch.setattr(mla_decode, "_best_of", lambda n, fn, *a: timings[fn is torch_mla_decode])
     timings.update({False: 1.0, True: 2.0})  # the kernel faster on the probe
-    assert isinstance(select_mla_decode(CPU, BF16, 64, 32), CpuMLADecode)
+    chosen = select_mla_decode(CPU, dtype, 64, 32)
+    assert isinstance(chosen, CpuMLADecode) and chosen.dtype == dtype
     monkeypatch.setenv("MOE_SERVE_CPU_MLA_KERNEL", "0")  # turned off
-    assert select_mla_decode(CPU, BF16, 64, 32) is torch_mla_decode
+    assert select_mla_decode(CPU, dtype, 64, 32) is torch_mla_decode
     monkeypatch.delenv("MOE_SERVE_CPU_MLA_KERNEL")
     timings.update({False: 2.0, True: 1.0})
-    assert select_mla_decode(CPU, BF16, 64, 32) is torch_mla_decode
+    assert select_mla_decode(CPU, dtype, 64, 32) is torch_mla_decode
 
 
-def test_a_failed_build_falls_back(monkeypatch, tmp_path, caplog):
+def test_a_failed_build_falls_back(monkeypatch, tmp_path, caplog, dtype):
     monkeypatch.setenv("MOE_SERVE_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a compiler that fails
-    assert CpuMLADecode.build(64, 32) is None
-    assert select_mla_decode(CPU, BF16, 64, 32) is torch_mla_decode
+    assert CpuMLADecode.build(64, 32, dtype) is None
+    assert select_mla_decode(CPU, dtype, 64, 32) is torch_mla_decode
     assert "could not build the CPU MLA decode kernel" in caplog.text
     assert not list(tmp_path.iterdir())  # no half-written library left behind
 
 
-def test_model_decode_through_kernel_matches_bmm_form(checkpoint_dir, monkeypatch):
-    """The engine built in bf16 decodes through the kernel (where it wins the probe), with the same logits as
-    through the bmms."""
+def test_model_decode_through_kernel_matches_bmm_form(checkpoint_dir, monkeypatch, dtype):
+    """The engine decodes through the kernel (where it wins the probe), with the same logits as through the
+    bmms."""
     d = checkpoint_dir("v2_236b", kv_lora_rank=64, qk_rope_head_dim=32)
     monkeypatch.setattr(mla_decode, "_best_of", lambda n, fn, *a: 2.0 if fn is torch_mla_decode else 1.0)
-    eng = engine(d, dtype="bfloat16")
+    eng = engine(d, dtype=str(dtype).removeprefix("torch."))
     layers = eng.executor.runner.model.model.layers
     assert all(isinstance(layer.self_attn.mla_decode, CpuMLADecode) for layer in layers)
     prompts = random_prompts([9, 70, 3, 150], seed=6)
     decode = decode_chunks(eng, prompts)
     logits = {}
-    for name, fn in (("kernel", KERNEL), ("bmm", torch_mla_decode)):
+    for name, fn in (("kernel", KERNELS[dtype]), ("bmm", torch_mla_decode)):
         for layer in layers:
             layer.self_attn.mla_decode = fn
         logits[name] = eng.executor.runner.forward_logits(decode).float()  # [4, V]
     scale = logits["bmm"].abs().max().item()
-    assert (logits["kernel"] - logits["bmm"]).abs().max().item() <= 3e-2 * scale
+    assert (logits["kernel"] - logits["bmm"]).abs().max().item() <= (3e-2 if dtype == BF16 else 1e-5) * scale
     assert torch.equal(logits["kernel"].argmax(-1), logits["bmm"].argmax(-1))

@@ -3,9 +3,9 @@
 `mla_decode(q [B, H, L+R], cache [N, page, L+R], meta, scale, L) -> [B, H, L]`: each decode query
 [q_latent | q_pe] scores its sequence's cached entries [c_kv | k_pe], and the softmax-weighted sum of the c_kv is
 returned (W_UV is applied by the caller). On CUDA the Triton kernel reads the cache in place through the block
-tables (`triton_mla_decode`); on CPUs with AVX512-BF16, in bf16, so does the C kernel of `CpuMLADecode` where it
-builds and beats the bmm form on a probe (MOE_SERVE_CPU_MLA_KERNEL=0 turns it off); elsewhere the entries are
-gathered and scored with two bmms.
+tables (`triton_mla_decode`); on x86 CPUs so do the C kernels of `CpuMLADecode` (bf16 with AVX512-BF16, float32
+with AVX2), where they build and beat the bmm form on a probe (MOE_SERVE_CPU_MLA_KERNEL=0 turns them off); elsewhere
+the entries are gathered and scored with two bmms.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def kernel_takes(latent_dim: int, rope_dim: int) -> bool:
 
 
 def select_mla_decode(device: torch.device, dtype: torch.dtype, latent_dim: int, rope_dim: int) -> MLADecode:
-    """On CUDA, the Triton kernel where it compiles and agrees with the bmm form on a small case; on CPU in bf16,
-    the C kernel where it builds, agrees and is faster on a probe; else the bmms."""
-    if device.type == "cpu" and dtype == torch.bfloat16 and os.environ.get("MOE_SERVE_CPU_MLA_KERNEL") != "0":
-        return _select_cpu(latent_dim, rope_dim)
+    """On CUDA, the Triton kernel where it compiles and agrees with the bmm form on a small case; on CPU, the C
+    kernel for the dtype where it builds, agrees and is faster on a probe; else the bmms."""
+    if device.type == "cpu" and os.environ.get("MOE_SERVE_CPU_MLA_KERNEL") != "0":
+        return _select_cpu(latent_dim, rope_dim, dtype)
     if device.type != "cuda" or not kernel_takes(latent_dim, rope_dim):
         return torch_mla_decode
     try:
@@ -69,13 +69,13 @@ def select_mla_decode(device: torch.device, dtype: torch.dtype, latent_dim: int,
     return torch_mla_decode
 
 
-def _select_cpu(latent_dim: int, rope_dim: int) -> MLADecode:
+def _select_cpu(latent_dim: int, rope_dim: int, dtype: torch.dtype) -> MLADecode:
     from workers.cpu_mla_decode import CpuMLADecode
 
-    kernel = CpuMLADecode.build(latent_dim, rope_dim)
+    kernel = CpuMLADecode.build(latent_dim, rope_dim, dtype)
     if kernel is None:
         return torch_mla_decode
-    cpu, dtype = torch.device("cpu"), torch.bfloat16
+    cpu = torch.device("cpu")
     if not _agrees(kernel, cpu, dtype, latent_dim, rope_dim):
         log.warning("the CPU MLA decode kernel disagrees with the bmm form here; using the bmm form")
         return torch_mla_decode

@@ -1,0 +1,184 @@
+/* MLA absorbed decode attention in float32 on x86 CPUs with AVX2 and FMA, read in place from the paged latent cache.
+ *
+ * The float32 sibling of cpu_mla_decode.c (same entry point, same work items, same online softmax; see there), built
+ * by workers/cpu_mla_decode.py with cc -O3 -fopenmp -mavx2 -mfma and called through ctypes on torch's OpenMP pool.
+ *
+ * Layouts (all float32): q [B, H, D]; cache [N, page, D], an entry being [c_kv (L) | k_pe (D - L)]; tables [B, M]
+ * block ids (int64); lens [B] context lengths (int64); out [B, H, L]. D is a multiple of 8, L of 16.
+ *
+ * One work item is a sequence and a block of HB heads, taken a tile of TILE entries at a time: the tile's scores,
+ * their exponentials against the running maximum, and the weighted sum of the tile's latents, added to the item's
+ * sums after they are rescaled to the new maximum. Register blocks: scores take 4 heads by 2 entries (8 accumulators
+ * of 8 lanes), values 4 heads by 16 latents; AVX2 has 16 vector registers.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define HB 16    /* heads per work item (zero-padded) */
+#define HG 4     /* heads per register block */
+#define TILE 64  /* entries per tile: 144 KiB of float32 at D = 576, held in L2 between its two passes */
+
+/* Lane i of the result is the sum of the lanes of a[i]. */
+static inline __m256 sum8(const __m256 a[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  /* per 128-bit half: a[0..3], a[4..7] */
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline const float *entry(const float *cache, const int64_t *table, int64_t page, int64_t D, int64_t s) {
+  return cache + (table[s / page] * page + s % page) * D;
+}
+
+/* e^x for x <= 0, and 0 below -87 (-inf included): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to
+ * r^6 (relative error < 2e-7), times 2^n built in the exponent bits (n >= -126 here, a normal float). */
+static inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  /* ln2 in two parts, for exact n ln2 */
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i ni = _mm256_cvtps_epi32(_mm256_and_ps(live, n));  /* masked: -inf would not convert */
+  const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
+  return _mm256_and_ps(live, _mm256_mul_ps(p, two_n));
+}
+
+/* rows [HB, tp] <- scale * <q[h], entry s> for heads h < hb and s < n, -inf from n up to tp. */
+static void scores(const float *qb, const float **ptr, int64_t n, int64_t hb, int64_t D, int64_t tp, float scale,
+                   float *rows) {
+  for (int64_t hg = 0; hg < hb; hg += HG) {
+    const float *qh = qb + hg * D;
+    for (int64_t s = 0; s < n; s += 2) {
+      const float *e0 = ptr[s], *e1 = ptr[s + 1];
+      __m256 acc[2 * HG];  /* [entry s: 4 heads | entry s + 1: 4 heads] */
+      for (int i = 0; i < 2 * HG; i++) acc[i] = _mm256_setzero_ps();
+      for (int64_t c = 0; c < D; c += 8) {
+        const __m256 x0 = _mm256_loadu_ps(e0 + c), x1 = _mm256_loadu_ps(e1 + c);
+        for (int k = 0; k < HG; k++) {
+          const __m256 qv = _mm256_loadu_ps(qh + k * D + c);
+          acc[k] = _mm256_fmadd_ps(qv, x0, acc[k]);
+          acc[HG + k] = _mm256_fmadd_ps(qv, x1, acc[HG + k]);
+        }
+      }
+      float sums[2 * HG];
+      _mm256_storeu_ps(sums, _mm256_mul_ps(_mm256_set1_ps(scale), sum8(acc)));
+      for (int k = 0; k < HG; k++) {
+        rows[(hg + k) * tp + s] = sums[k];
+        if (s + 1 < n) rows[(hg + k) * tp + s + 1] = sums[HG + k];
+      }
+    }
+    for (int k = 0; k < HG; k++)
+      for (int64_t s = n; s < tp; s++) rows[(hg + k) * tp + s] = -INFINITY;
+  }
+}
+
+/* row [tp] <- e^(row - top), where top is the larger of *top and the row's maximum and becomes the new *top; the
+ * weights' sum is added to *total after *total is rescaled to the new top, as the caller must rescale its sums: by
+ * the factor returned. tp is a multiple of 8, and the row is -inf past the tile. */
+static float tile_weights(float *row, int64_t tp, float *top, float *total) {
+  __m256 m = _mm256_set1_ps(*top);
+  for (int64_t s = 0; s < tp; s += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(row + s));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, m);
+  float new_top = lanes[0];
+  for (int i = 1; i < 8; i++) new_top = lanes[i] > new_top ? lanes[i] : new_top;
+  const float rescale = expf(*top - new_top);  /* 0 at the start (top -inf) */
+  const __m256 top_v = _mm256_set1_ps(new_top);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t s = 0; s < tp; s += 8) {
+    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + s), top_v));
+    _mm256_storeu_ps(row + s, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  _mm256_storeu_ps(lanes, sum);
+  float tile_total = 0.0f;
+  for (int i = 0; i < 8; i++) tile_total += lanes[i];
+  *top = new_top;
+  *total = *total * rescale + tile_total;
+  return rescale;
+}
+
+/* acc_mem [HB, L] += sum over the tile's n entries of probs[h, s] * c_kv of entry s, for heads h < hb. */
+static void values(const float *probs, const float **ptr, int64_t n, int64_t hb, int64_t L, int64_t tp,
+                   float *acc_mem) {
+  for (int64_t hg = 0; hg < hb; hg += HG) {
+    for (int64_t c = 0; c < L; c += 16) {
+      __m256 acc[2 * HG];  /* head k: latents c..c+7 in acc[2k], c+8..c+15 in acc[2k + 1] */
+      for (int k = 0; k < HG; k++) {
+        acc[2 * k] = _mm256_loadu_ps(acc_mem + (hg + k) * L + c);
+        acc[2 * k + 1] = _mm256_loadu_ps(acc_mem + (hg + k) * L + c + 8);
+      }
+      for (int64_t s = 0; s < n; s++) {
+        const __m256 x0 = _mm256_loadu_ps(ptr[s] + c), x1 = _mm256_loadu_ps(ptr[s] + c + 8);
+        for (int k = 0; k < HG; k++) {
+          const __m256 p = _mm256_broadcast_ss(probs + (hg + k) * tp + s);
+          acc[2 * k] = _mm256_fmadd_ps(p, x0, acc[2 * k]);
+          acc[2 * k + 1] = _mm256_fmadd_ps(p, x1, acc[2 * k + 1]);
+        }
+      }
+      for (int k = 0; k < HG; k++) {
+        _mm256_storeu_ps(acc_mem + (hg + k) * L + c, acc[2 * k]);
+        _mm256_storeu_ps(acc_mem + (hg + k) * L + c + 8, acc[2 * k + 1]);
+      }
+    }
+  }
+}
+
+/* out[b, h] = sum over s < lens[b] of softmax_s(scale * <q[b, h], entry s>) * c_kv of entry s, with `threads`
+ * OpenMP threads sharing out the (sequence, head block) items. */
+void mla_decode(const float *q, const float *cache, const int64_t *tables, const int64_t *lens, int64_t B, int64_t H,
+                int64_t D, int64_t L, int64_t page, int64_t M, float scale, float *out, int64_t threads) {
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; b++) longest = lens[b] > longest ? lens[b] : longest;
+  const int64_t blocks = (H + HB - 1) / HB;
+#pragma omp parallel num_threads(threads)
+  {
+  const float **ptr = malloc((longest + 1) * sizeof(*ptr));  /* a sequence's entries, in order, and one more */
+  float *qb = aligned_alloc(32, HB * D * sizeof(float));  /* a block of heads, zero-padded to HB */
+  float *rows = aligned_alloc(32, HB * TILE * sizeof(float));  /* [HB, tp] a tile's scores, then weights */
+  float *acc_mem = aligned_alloc(32, HB * L * sizeof(float));  /* [HB, L] weighted sums of the latents */
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t item = 0; item < B * blocks; item++) {
+    const int64_t b = item / blocks, h0 = item % blocks * HB, hb = H - h0 < HB ? H - h0 : HB;
+    const int64_t n = lens[b];
+    for (int64_t s = 0; s < n; s++) ptr[s] = entry(cache, tables + b * M, page, D, s);
+    ptr[n] = n ? ptr[n - 1] : cache;  /* an odd length's last pair: its score is not kept */
+    memset(qb, 0, HB * D * sizeof(float));
+    memcpy(qb, q + (b * H + h0) * D, hb * D * sizeof(float));
+    memset(acc_mem, 0, HB * L * sizeof(float));
+    float top[HB], total[HB];
+    for (int h = 0; h < HB; h++) top[h] = -INFINITY, total[h] = 0.0f;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+      const int64_t tn = n - t0 < TILE ? n - t0 : TILE, tp = (tn + 7) / 8 * 8;
+      scores(qb, ptr + t0, tn, hb, D, tp, scale, rows);
+      for (int64_t h = 0; h < hb; h++) {
+        const float rescale = tile_weights(rows + h * tp, tp, &top[h], &total[h]);
+        if (rescale != 1.0f)
+          for (int64_t c = 0; c < L; c += 8)
+            _mm256_storeu_ps(acc_mem + h * L + c,
+                             _mm256_mul_ps(_mm256_set1_ps(rescale), _mm256_loadu_ps(acc_mem + h * L + c)));
+      }
+      values(rows, ptr + t0, tn, hb, L, tp, acc_mem);
+    }
+    for (int64_t h = 0; h < hb; h++) {
+      const __m256 inv = _mm256_set1_ps(1.0f / total[h]);
+      for (int64_t c = 0; c < L; c += 8)
+        _mm256_storeu_ps(out + (b * H + h0 + h) * L + c, _mm256_mul_ps(inv, _mm256_loadu_ps(acc_mem + h * L + c)));
+    }
+  }
+  free(acc_mem);
+  free(rows);
+  free(qb);
+  free(ptr);
+  }
+}
