@@ -1,6 +1,8 @@
 """Linear weights prepacked for oneDNN (CPU, float32 and bfloat16): the same outputs as the plain layers, the same
 greedy tokens from the engine, and the layers whose weights are read directly or shared left alone."""
 
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,12 +27,14 @@ DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not packing_helps(CPU, dt
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-def test_chosen_for_cpu_float32_and_bf16_where_the_cpu_has_it():
-    assert packing_helps(CPU, torch.float32)
+def test_chosen_for_cpu_float32_and_bf16_where_the_cpu_has_it(monkeypatch):
+    assert packing_helps(CPU, torch.float32) == (platform.machine() in ("x86_64", "AMD64"))
     assert packing_helps(CPU, torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert not packing_helps(CPU, torch.float16)
     assert not packing_helps(torch.device("cuda"), torch.bfloat16)
     assert not packing_helps(torch.device("cuda"), torch.float32)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # float32 packing measured on x86 only
+    assert not packing_helps(CPU, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
