@@ -32,7 +32,8 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("heads, page", [(16, 16), (20, 12)])  # 20: a partial head block; 12: not a power of two
+# 20 heads: a partial head block; page 12: not a power of two; 6 heads: a part-filled group of 4 (float32)
+@pytest.mark.parametrize("heads, page", [(16, 16), (20, 12), (6, 16)])
 def test_kernel_matches_bmm_form(threads, dtype, heads, page):
     lens = (1, 37, 130, 300, 2)  # one entry; odd lengths; several tiles (of 128 in bf16, 64 in float32)
     q, cache, meta = decode_case(lens, heads, 64, 32, CPU, dtype, page=page, seed=3)
