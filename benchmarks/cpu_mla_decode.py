@@ -104,7 +104,8 @@ def main() -> int:
     for threads, batch, context, ours, bmm in alone(kernel):
         print(f"{threads:>7} {batch:>5} {context:>7} {ours:>9.0f} {bmm:>9.0f} {bmm / ours:>7.2f}x")
     model = make_checkpoint(args.work / "mini-deepseek-v2")
-    print(f"\nthe mini DeepSeek-V2's decode step ({args.dtype}), the two forms alternated every {STEPS} steps, ms per step")
+    print(f"\nthe mini DeepSeek-V2's decode step ({args.dtype}), the two forms alternated every {STEPS} steps, "
+          "ms per step")
     print(f"{'batch':>5} {'threads':>7} | {'contexts':>9} {'kernel':>7} {'bmm':>7} | {'contexts':>9} {'kernel':>7} "
           f"{'bmm':>7} | {'all: kernel':>11} {'bmm':>7} {'speed-up':>8}")
     for batch, threads in ((1, 1), (64, 1), (64, 2)):

@@ -1,5 +1,6 @@
-"""Expert weights prepacked for oneDNN (CPU, float32 and bfloat16): the same outputs as the grouped GEMM they replace, every
-expert group packed, and the same greedy tokens from the engine, in one process and on expert workers."""
+"""Expert weights prepacked for oneDNN (CPU, float32 and bfloat16): the same outputs as the grouped GEMM they
+replace, every expert group packed, and the same greedy tokens from the engine, in one process and on expert
+workers."""
 
 import pytest
 import torch

@@ -3,9 +3,9 @@ in float32 with AVX2 and FMA.
 
 The C kernel (`csrc/cpu_mla_decode.c`; its float32 sibling `csrc/cpu_mla_decode_f32.c`) scores each decode query
 against its sequence's cached [c_kv | k_pe] entries where they lie in the cache, and sums the c_kv weighted by the
-softmax, accumulating in fp32: a sequence and block of heads at a time, a tile of entries at a time (the softmax kept online, so each entry is read
-from memory once). Against the bmm form (`torch_mla_decode`) this skips the per-layer gather of the padded context,
-the padded scores, and oneDNN's small-matrix overheads.
+softmax, accumulating in fp32: a sequence and block of heads at a time, a tile of entries at a time (the softmax
+kept online, so each entry is read from memory once). Against the bmm form (`torch_mla_decode`) this skips the
+per-layer gather of the padded context, the padded scores, and the small-matrix overheads of oneDNN and MKL.
 
 The library is compiled once per source and flags with the system C compiler (`$CC`, default `cc`) into
 `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`) and loaded with ctypes. The kernel shares its
@@ -95,7 +95,7 @@ class CpuMLADecode:
         lib.mla_decode.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I]
 
     @classmethod
-    def build(cls, latent_dim: int, rope_dim: int, dtype: torch.dtype = torch.bfloat16) -> CpuMLADecode | None:
+    def build(cls, latent_dim: int, rope_dim: int, dtype: torch.dtype) -> CpuMLADecode | None:
         variant = VARIANTS.get(dtype)
         if variant is None:
             return None  # no kernel for this dtype
