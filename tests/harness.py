@@ -22,6 +22,18 @@ GREEDY = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
 DEVICE = os.environ.get("MOE_SERVE_TEST_DEVICE", "cpu")  # benchmarks/gpu_check.py runs these tests on cuda
 
 
+def packing_dtypes() -> list:
+    """pytest params of the dtype names that weight packing (workers/packed_linear.py) takes on this CPU; the
+    others are skipped."""
+    import pytest
+
+    from workers.packed_linear import packing_helps
+
+    return [pytest.param(name, marks=pytest.mark.skipif(not packing_helps(torch.device("cpu"), getattr(torch, name)),
+                                                        reason="no oneDNN kernels for it here"))
+            for name in ("float32", "bfloat16")]
+
+
 def engine(model_dir, **kw) -> LLMEngine:
     kw.setdefault("device", DEVICE)
     kw.setdefault("dtype", "float32")

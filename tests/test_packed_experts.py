@@ -5,14 +5,11 @@ workers."""
 import pytest
 import torch
 
-from tests.harness import engine, generate_tokens, random_prompts
+from tests.harness import engine, generate_tokens, packing_dtypes, random_prompts
 from workers.experts import Experts
 from workers.packed_experts import PackedExperts, pack_experts
-from workers.packed_linear import packing_helps
 
-DTYPES = [pytest.param(name, marks=pytest.mark.skipif(not packing_helps(torch.device("cpu"), getattr(torch, name)),
-                                                      reason="no oneDNN kernels for it here"))
-          for name in ("float32", "bfloat16")]
+DTYPES = packing_dtypes()
 TOLERANCE = {"float32": 1e-5, "bfloat16": 0}  # bf16: both are oneDNN's kernel; float32: MKL's unpacked
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.harness import engine, generate_tokens, random_prompts
+from tests.harness import engine, generate_tokens, packing_dtypes, random_prompts
 from workers import packed_linear
 from workers.packed_linear import (
     EXACT_ROWS,
@@ -22,9 +22,8 @@ from workers.packed_linear import (
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN here")
-DTYPES = [pytest.param(dtype, marks=pytest.mark.skipif(not packing_helps(CPU, dtype), reason="no oneDNN kernels"))
-          for dtype in (torch.float32, torch.bfloat16)]
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+DTYPES = packing_dtypes()
+TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
 
 
 def test_chosen_for_cpu_float32_and_bf16_where_the_cpu_has_it(monkeypatch):
@@ -40,12 +39,12 @@ def test_chosen_for_cpu_float32_and_bf16_where_the_cpu_has_it(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 5, 96), (21, 96), (3, 50, 96)])  # 21 and 150 rows: padded
 def test_same_result_as_linear(shape, dtype):
+    tol, dtype = TOLERANCE[dtype], getattr(torch, dtype)
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=True).to(dtype)
     x = torch.randn(*shape, 96).to(dtype)
     got = PackedLinear(linear)(x)
     assert got.shape == (*shape, 160) and got.dtype == dtype
-    tol = TOLERANCE[dtype]
     torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=tol, atol=tol)
 
 
@@ -85,7 +84,6 @@ def test_warm_up_runs_each_distinct_shape_once_at_every_row_bucket(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pack_leaves_read_and_shared_weights(checkpoint_dir, dtype):
-    dtype = str(dtype).removeprefix("torch.")
     eng = engine(checkpoint_dir("llama_mha", tie_word_embeddings=True), dtype=dtype)
     model = eng.executor.runner.model
     assert type(model.lm_head) is nn.Linear  # tied to the embedding: packing would keep a second copy
@@ -103,7 +101,7 @@ def test_pack_leaves_read_and_shared_weights(checkpoint_dir, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["v2_lite", "llama_mqa"])
 def test_engine_tokens_unchanged(checkpoint_dir, kind, dtype, monkeypatch):
-    d, dtype = checkpoint_dir(kind), str(dtype).removeprefix("torch.")
+    d = checkpoint_dir(kind)
     prompts = random_prompts([5, 40, 17], seed=3)
     packed_engine = engine(d, dtype=dtype)
     assert isinstance(packed_engine.executor.runner.model.lm_head, PackedLinear)
