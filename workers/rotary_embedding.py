@@ -73,11 +73,11 @@ class RotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [T, H, R]; rotation in float32, result in x's dtype."""
         xf = x.float()
+        if self.interleaved:  # each pair (x[2i], x[2i+1]) turns as the complex number x[2i] + i x[2i+1]: one multiply
+            if xf.storage_offset() % 2:  # a complex view starts on a whole pair of floats
+                xf = xf.contiguous()
+            pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # [T, H, R/2]
+            return torch.view_as_real(pairs * torch.complex(cos, sin)[:, None, :]).flatten(-2).to(x.dtype)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, R/2]
-        if self.interleaved:
-            x0, x1 = xf[..., 0::2], xf[..., 1::2]  # [T, H, R/2]
-            out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-        else:
-            x0, x1 = xf.chunk(2, dim=-1)  # [T, H, R/2]
-            out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-        return out.to(x.dtype)
+        x0, x1 = xf.chunk(2, dim=-1)  # [T, H, R/2]
+        return torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).to(x.dtype)
