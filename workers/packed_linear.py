@@ -62,7 +62,12 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     padded = bucket_rows(M)
     if padded != M:
         x = F.pad(x, (0, 0, 0, padded - M))  # [padded, K], zero rows
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:M]  # [M, N]
+    return onednn_linear(x, packed, bias)[:M]  # [M, N]
+
+
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] through a weight reordered by `_reorder_linear_weight`, as it is (M should be a row bucket)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # [M, N]
 
 
 def row_buckets(max_rows: int) -> list[int]:
