@@ -42,13 +42,14 @@ class PackedExperts(nn.Module):
         if not any(counts):
             return x.new_empty(x.shape)
         rows = [bucket_rows(n) for n in counts]  # each expert's rows, padded to its kernel's row count
+        starts = list(accumulate(rows, initial=0))  # each expert's first row among the padded ones
         dest = None
         if rows != counts:
-            shift = [p - s for p, s in zip(accumulate(rows, initial=0), accumulate(counts, initial=0))][:-1]  # [E]
+            shift = [p - s for p, s in zip(starts, accumulate(counts, initial=0))][:-1]  # [E]
             dest = torch.arange(x.shape[0], device=x.device) + torch.tensor(shift, device=x.device).repeat_interleave(
                 tokens_per_expert.to(x.device))  # [N]: each row's place among the padded rows
             x = x.new_zeros(sum(rows), x.shape[1]).index_copy_(0, dest, x)  # [P, D], zero rows where padded
-        groups = [(e, start, n) for e, (start, n) in enumerate(zip(accumulate(rows, initial=0), rows)) if n]
+        groups = [(e, start, n) for e, (start, n) in enumerate(zip(starts, rows)) if n]
         gate_up = torch.cat([onednn_linear(x[start : start + n], self.w13[e]) for e, start, n in groups])  # [P, 2I]
         gate, up = gate_up.split(self.intermediate, dim=-1)
         hidden = F.silu(gate) * up  # [P, I]; padded rows stay zero
