@@ -1,0 +1,69 @@
+"""CLibrary: one of the C kernels in `csrc/`, compiled once per source and flags with the system C compiler (`$CC`,
+default `cc`) into `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`) and loaded with ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+SHARED = ("-O3", "-fopenmp", "-shared", "-fPIC")
+AVX2 = (*SHARED, "-mavx2", "-mfma")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (x86 Linux); empty elsewhere."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return set()
+    try:
+        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@dataclass(frozen=True)
+class CLibrary:
+    source: Path
+    flags: tuple[str, ...]
+    cpu_flags: frozenset[str]  # what the flags need of the CPU
+
+    def path(self) -> Path:
+        """The compiled library, built into the cache directory unless it is there already."""
+        source = self.source.read_bytes()
+        key = hashlib.sha256(source + " ".join(self.flags).encode()).hexdigest()[:16]
+        cache = Path(os.environ.get("MOE_SERVE_KERNEL_CACHE", Path.home() / ".cache" / "moe-serve" / "kernels"))
+        lib = cache / f"{self.source.stem}-{key}.so"
+        if not lib.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # renamed into place: concurrent builders never clash
+            os.close(fd)
+            try:
+                subprocess.run([os.environ.get("CC", "cc"), *self.flags, "-o", tmp, str(self.source)], check=True,
+                               capture_output=True, text=True, timeout=120)
+                os.replace(tmp, lib)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return lib
+
+    def load(self, what: str, fallback: str) -> ctypes.CDLL | None:
+        """The loaded library; None where this CPU lacks its flags, or (with a warning naming `what` and the
+        `fallback` used instead) where it does not build."""
+        if not self.cpu_flags <= cpu_flags():
+            return None
+        try:
+            return ctypes.CDLL(str(self.path()))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:  # RuntimeError: no home directory
+            detail = getattr(e, "stderr", "") or str(e)
+            log.warning("could not build %s (%s); %s", what, detail.strip()[:500], fallback)
+            return None
