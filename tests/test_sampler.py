@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from workers.sampler import SampleRow, Sampler
+from workers.sampler import Sampler, SampleRow, chunked_first_max, first_max
 from workers.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
@@ -67,3 +67,17 @@ def test_logprobs_rank_and_top():
 def test_bad_params_say_what_is_wrong(bad, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("vocab", [5, 256, 1000, 8192])
+def test_chunked_first_max_is_argmax(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randint(-3, 4, (6, vocab), generator=g).float()  # many ties: the first of them must win
+    logits[1, vocab // 2] = logits[1, -1] = 9.0  # a tie across chunks
+    logits[2] = float("-inf")  # nothing allowed: index 0, as argmax
+    logits[3, vocab // 3] = float("nan")  # a NaN wins, as in argmax
+    logits[4, -1] = 9.0  # the last logit, in the padded chunk
+    want = logits.argmax(dim=-1)
+    assert torch.equal(first_max(logits), want)
+    assert torch.equal(chunked_first_max(logits), want)
+    assert torch.equal(chunked_first_max(logits[:, : vocab - 1 or 1]), logits[:, : vocab - 1 or 1].argmax(dim=-1))
