@@ -73,6 +73,8 @@ def test_c_kernel_only_where_it_fits(checkpoint_dir, monkeypatch, tmp_path, capl
     for bad in (x[1:], x.double(), x[:, 1:]):  # rows that do not add up to the counts, a dtype, a width
         with pytest.raises(ValueError, match="expected"):
             packed(bad, counts)  # never read out of bounds
+    with pytest.raises(ValueError, match="expected"):
+        packed(x[:2], counts[:1])  # counts for fewer experts than it holds
     assert CpuExperts.build(experts_of(experts.w13, experts.w2[:, :-8])) is None  # D not a multiple of 16 outputs
     assert CpuExperts.build(experts_of(experts.w13.bfloat16(), experts.w2.bfloat16())) is None
     with monkeypatch.context() as m:

@@ -58,9 +58,10 @@ class CpuExperts(nn.Module):
     def grouped_gemm(self, x: torch.Tensor, panels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """x [T, K] sorted by expert, panels [E, N / PANEL, K, PANEL], offsets [E + 1] -> [T, N]."""
         E, P, K, _ = panels.shape
-        if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] != K or int(offsets[-1]) != x.shape[0]:
-            raise ValueError(f"grouped GEMM: float32 CPU rows [{int(offsets[-1])}, {K}] expected, not "
-                             f"{x.dtype} {x.device.type} {list(x.shape)}")  # the kernel would read out of bounds
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] != K or offsets.shape != (E + 1,)
+                or int(offsets[-1]) != x.shape[0]):  # the kernel would read out of bounds
+            raise ValueError(f"grouped GEMM: float32 CPU rows [{int(offsets[-1])}, {K}] for {E} experts expected, "
+                             f"not {x.dtype} {x.device.type} {list(x.shape)} with {offsets.shape[0] - 1} expert counts")
         x = x.contiguous()
         y = x.new_empty(x.shape[0], P * PANEL)  # [T, N]
         self.lib.grouped_gemm(x.data_ptr(), offsets.data_ptr(), E, panels.data_ptr(), K, P * PANEL, y.data_ptr(),
