@@ -81,3 +81,4 @@ def test_chunked_first_max_is_argmax(vocab):
     assert torch.equal(first_max(logits), want)
     assert torch.equal(chunked_first_max(logits), want)
     assert torch.equal(chunked_first_max(logits[:, : vocab - 1 or 1]), logits[:, : vocab - 1 or 1].argmax(dim=-1))
+    assert chunked_first_max(logits[:0]).shape == (0,)  # no rows

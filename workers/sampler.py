@@ -153,7 +153,7 @@ def chunked_first_max(logits: torch.Tensor) -> torch.Tensor:
     B, V = logits.shape
     if V % MAX_CHUNK:
         logits = F.pad(logits, (0, -V % MAX_CHUNK), value=float("-inf"))  # never a maximum
-    chunks = logits.reshape(B, -1, MAX_CHUNK)  # [B, V / C, C]
+    chunks = logits.reshape(B, logits.shape[1] // MAX_CHUNK, MAX_CHUNK)  # [B, V / C, C]
     best = chunks.amax(dim=-1).argmax(dim=-1)  # [B]: NaN propagates through amax, and argmax takes it
     inside = chunks[torch.arange(B, device=logits.device), best].argmax(dim=-1)  # [B]
     return best * MAX_CHUNK + inside

@@ -1,14 +1,14 @@
 /* Grouped GEMM in float32 on x86 CPUs with AVX2 and FMA: the routed experts' projections, each group of rows (the
  * tokens routed to one expert) times its own weight.
  *
- * Built by workers/cpu_grouped_gemm.py with cc -O3 -fopenmp -mavx2 -mfma and called through ctypes on torch's OpenMP
- * pool. The point is the thread split: oneDNN and MKL split each expert's small GEMM (10-30 rows at decode) over the
- * threads, and ran it barely faster on two threads than on one; here one thread takes a whole (expert, panel) item,
- * and the threads share out the items of all the experts.
+ * Built by workers/cpu_experts.py (through CLibrary) with cc -O3 -fopenmp -mavx2 -mfma and called through ctypes on
+ * torch's OpenMP pool. The point is the thread split: oneDNN and MKL split each expert's small GEMM (10-30 rows at
+ * decode) over the threads, and ran it barely faster on two threads than on one; here one thread takes a whole
+ * (expert, panel) item, and the threads share out the items of all the experts.
  *
  * Layouts (all float32, row-major): x [T, K], its rows sorted by group; offsets [G + 1], group g's rows being
  * offsets[g] .. offsets[g + 1]; w [G, N / NR, K, NR], each group's [N, K] weight cut into panels of NR outputs, a
- * panel stored k-major (`pack_panels` in cpu_grouped_gemm.py); y [T, N]. N is a multiple of NR.
+ * panel stored k-major (`pack_panels` in cpu_experts.py); y [T, N]. N is a multiple of NR.
  *
  * One work item is a group and a panel: the group's rows, MR at a time, against the panel's [K, NR] weights (32 KiB
  * at K = 512, read from memory once and then from cache). The register block is MR rows by NR outputs: 12 of AVX2's
