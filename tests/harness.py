@@ -161,3 +161,14 @@ def grpc_served(servicer):
         channel.close()
         asyncio.run_coroutine_threadsafe(server.stop(None), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
+
+
+def experts_of(w13: torch.Tensor, w2: torch.Tensor):
+    """An Experts module holding these weights ([E, 2I, D] and [E, D, I]), without a model config."""
+    from workers.experts import Experts
+
+    experts = Experts.__new__(Experts)
+    torch.nn.Module.__init__(experts)
+    experts.expert_ids, experts.intermediate = tuple(range(w13.shape[0])), w2.shape[-1]
+    experts.w13, experts.w2 = torch.nn.Parameter(w13.detach()), torch.nn.Parameter(w2.detach())
+    return experts

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from tests.harness import engine, generate_tokens, packing_dtypes, random_prompts
+from tests.harness import engine, experts_of, generate_tokens, packing_dtypes, random_prompts
 from workers.cpu_experts import LIBRARY, CpuExperts
 from workers.experts import Experts
 from workers.packed_experts import PackedExperts, pack_experts
@@ -51,15 +51,6 @@ def test_same_result_as_experts(checkpoint_dir, monkeypatch, pack, dtype):
         torch.testing.assert_close(got, experts(x, counts), rtol=tol, atol=tol)
     empty = x[:0]
     assert packed(empty, torch.zeros(E, dtype=torch.long)).shape == (0, D)
-
-
-def experts_of(w13: torch.Tensor, w2: torch.Tensor) -> Experts:
-    """An Experts module holding these weights ([E, 2I, D] and [E, D', I])."""
-    experts = Experts.__new__(Experts)
-    torch.nn.Module.__init__(experts)
-    experts.expert_ids, experts.intermediate = tuple(range(w13.shape[0])), w2.shape[-1]
-    experts.w13, experts.w2 = torch.nn.Parameter(w13.detach()), torch.nn.Parameter(w2.detach())
-    return experts
 
 
 @needs_c_kernel

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.harness import engine, generate_tokens, packing_dtypes, random_prompts
+from tests.harness import engine, experts_of, generate_tokens, packing_dtypes, random_prompts
 from workers import packed_linear
 from workers.packed_linear import (
     EXACT_ROWS,
@@ -56,16 +56,12 @@ def test_row_buckets_few_and_tight():
 
 
 def test_warm_up_runs_each_distinct_shape_once_at_every_row_bucket(monkeypatch):
-    from workers.experts import Experts
     from workers.packed_experts import PackedExperts
 
     def linear(k, n, bias=False):
         return PackedLinear(nn.Linear(k, n, bias=bias))
 
-    experts = Experts.__new__(Experts)  # two experts of hidden 64, intermediate 32: w13 [64, 64], w2 [64, 32]
-    nn.Module.__init__(experts)
-    experts.expert_ids, experts.intermediate = [0, 1], 32
-    experts.w13, experts.w2 = torch.randn(2, 64, 64), torch.randn(2, 64, 32)
+    experts = experts_of(torch.randn(2, 64, 64), torch.randn(2, 64, 32))  # two experts of hidden 64, intermediate 32
     model = nn.ModuleList([linear(64, 96), linear(64, 96), linear(64, 96, bias=True), linear(96, 64),
                            PackedExperts(experts)])
     runs = []
