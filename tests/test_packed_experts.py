@@ -42,7 +42,7 @@ def test_same_result_as_experts(checkpoint_dir, monkeypatch, pack, dtype):
     E, D = len(experts.expert_ids), experts.w13.shape[-1]
     tol = TOLERANCE[dtype]
     # 21 rows are padded to their oneDNN bucket, 16 are not (no group is then); the C kernel takes 21 in blocks of
-    # 6, 5, 5, 5 and 16 in 6, 5, 5, and the 1-7 rows of the others in one or two blocks
+    # 5, 5, 5, 6 and 16 in 5, 5, 6, and the 1-7 rows of the others in one or two blocks
     for big in (21, 16):
         counts = torch.tensor([3, 0, 1, big, 7, 6, 5, 4] + [2] * (E - 8))  # an expert with no tokens, one with one
         x = torch.randn(int(counts.sum()), D, generator=torch.Generator().manual_seed(0)).to(getattr(torch, dtype))

@@ -41,7 +41,7 @@ static inline __attribute__((always_inline)) void block(int R, const float *a, i
   }
 }
 
-/* Rows [rows] of a against one panel, in the fewest blocks of at most MR rows, as even as can be (13 rows: 5, 4, 4,
+/* Rows [rows] of a against one panel, in the fewest blocks of at most MR rows, as even as can be (13 rows: 4, 4, 5,
  * not 6, 6, 1): a block of R rows keeps 2R accumulators in flight, and below 4 rows too few to hide the FMA latency. */
 static void panel(const float *a, int64_t rows, const float *b, int64_t K, float *c, int64_t N) {
   const int64_t blocks = (rows + MR - 1) / MR;
