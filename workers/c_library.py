@@ -4,6 +4,7 @@ default `cc`) into `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernel
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -20,15 +21,16 @@ SHARED = ("-O3", "-fopenmp", "-shared", "-fPIC")
 AVX2 = (*SHARED, "-mavx2", "-mfma")
 
 
-def cpu_flags() -> set[str]:
-    """This CPU's feature flags (x86 Linux); empty elsewhere."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (x86 Linux); empty elsewhere. Read once: every MoE layer's kernel asks at start."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return set()
+        return frozenset()
     try:
-        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                        if line.startswith("flags")).split())
+        return frozenset(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                              if line.startswith("flags")).split())
     except (OSError, StopIteration):
-        return set()
+        return frozenset()
 
 
 @dataclass(frozen=True)
