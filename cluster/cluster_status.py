@@ -1,5 +1,5 @@
 """ClusterStatus: what `moe-serve status` shows of a running cluster. The Serve applications and their deployments'
-replica states, each engine replica's cache (as posted to the StatusBoard), and the moe-serve actors on each node:
+replica states, each engine replica's cache (as posted to the status board), and the moe-serve actors on each node:
 the Serve replicas and the attention and expert workers (`moe-serve/<replica>/attention-<rank>`, `.../expert-<i>`).
 """
 
@@ -21,7 +21,7 @@ class ClusterStatus:
     actors_error: str | None = None  # why the actors could not be listed
 
     @classmethod
-    def collect(cls) -> "ClusterStatus":
+    def collect(cls) -> ClusterStatus:
         """From the Ray cluster this process is connected to."""
         import ray
         from ray import serve

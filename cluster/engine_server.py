@@ -118,7 +118,7 @@ class EngineServer:
     async def record_routing_stats(self) -> dict:
         s = self.engine.stats()
         self._drop_unused_channels()  # on the event loop, as generate and outputs use the channels
-        await asyncio.to_thread(publish, self.replica, s)  # for `moe-serve status` (it may look the board up)
+        await asyncio.to_thread(publish, self.replica, s)  # for `moe-serve status` (a GCS call)
         return {"outstanding_tokens": s.outstanding_tokens, "kv_usage": s.kv_usage, "waiting": s.waiting,
                 "alive": self.engine.alive}
 

@@ -1,58 +1,51 @@
-"""StatusBoard: a named Ray actor where each engine replica posts its stats, for `moe-serve status` to read.
+"""The status board: where each engine replica posts its stats for `moe-serve status` to read, a key per replica in
+Ray's GCS key-value store (where Ray's own libraries keep their cluster state), in the "moe-serve" namespace.
 
-Replicas post every routing-stats period (EngineServer.record_routing_stats); a replica that stopped posting
-(scaled down, dead) drops off after STALE_S. Detached, so that it outlives the replica that made it.
+It used to be a Ray actor. Each Ray worker process wakes ~160 times a second even when idle (its main thread alone
+~100: Ray checks for signals every 10 ms), and on a 2-core machine each wake-up can preempt one of the model's two
+torch threads while the other waits for it. Without that actor, those threads were preempted ~9% less often under
+load (benchmarks/RESULTS.md). A few posts a minute don't need a process of their own.
+
+Replicas post with every health check or routing-stats period (EngineIngress.check_health,
+EngineServer.record_routing_stats). A post older than STALE_S, by the posting node's clock, is from a replica that was
+scaled down or died: it is not shown, and the reader deletes it. `moe-serve up` clears the board as it stops.
 """
 
 from __future__ import annotations
 
+import pickle
 import time
-from functools import cache
 
 import ray
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list, _internal_kv_put
 
 from router.engine_stats import EngineStats
 
-NAME, NAMESPACE = "status-board", "moe-serve"
+NAMESPACE, PREFIX = "moe-serve", "engine-stats/"
 STALE_S = 10.0
 
 
-@ray.remote(num_cpus=0)
-class StatusBoard:
-    def __init__(self):
-        self.posts: dict[str, tuple[float, str, EngineStats]] = {}  # replica -> (time, node id, stats)
-
-    def post(self, replica: str, node_id: str, stats: EngineStats) -> None:
-        self.posts[replica] = (time.monotonic(), node_id, stats)
-
-    def read(self) -> dict[str, tuple[str, EngineStats]]:
-        """replica -> (node id, stats), of the replicas that posted lately."""
-        now = time.monotonic()
-        self.posts = {r: p for r, p in self.posts.items() if now - p[0] < STALE_S}
-        return {r: (node, stats) for r, (_, node, stats) in self.posts.items()}
-
-
-@cache
-def board():
-    return StatusBoard.options(name=NAME, namespace=NAMESPACE, get_if_exists=True, lifetime="detached").remote()
-
-
 def publish(replica: str, stats: EngineStats) -> None:
-    """Posts an engine replica's stats, without waiting."""
-    board().post.remote(replica, ray.get_runtime_context().get_node_id(), stats)
+    """Posts an engine replica's stats, as of now: one GCS call (the replicas post from a thread, not their event
+    loop), from any process connected to the cluster."""
+    value = pickle.dumps((time.time(), ray.get_runtime_context().get_node_id(), stats))
+    _internal_kv_put(PREFIX + replica, value, overwrite=True, namespace=NAMESPACE)
 
 
 def read_board() -> dict[str, tuple[str, EngineStats]]:
-    """What the replicas posted; empty when none has."""
-    try:
-        actor = ray.get_actor(NAME, namespace=NAMESPACE)
-    except ValueError:
-        return {}
-    return ray.get(actor.read.remote())
+    """replica -> (node id, stats), of the replicas that posted in the last STALE_S; empty when none has."""
+    board, now = {}, time.time()
+    for key in _internal_kv_list(PREFIX, namespace=NAMESPACE):
+        value = _internal_kv_get(key, namespace=NAMESPACE)
+        if value is None:  # deleted since it was listed
+            continue
+        posted, node, stats = pickle.loads(value)
+        if now - posted < STALE_S:
+            board[key.decode()[len(PREFIX):]] = (node, stats)
+        else:
+            _internal_kv_del(key, namespace=NAMESPACE)
+    return board
 
 
 def remove_board() -> None:
-    try:
-        ray.kill(ray.get_actor(NAME, namespace=NAMESPACE))
-    except ValueError:
-        pass
+    _internal_kv_del(PREFIX, del_by_prefix=True, namespace=NAMESPACE)

@@ -123,3 +123,32 @@ def test_new_requests_go_to_the_less_loaded_replica_and_sessions_stay(app):
              if name == "moe_serve:worker_steps_total" and labels["worker"] == "attention-0" and value > 0}
     assert steps == replicas  # each replica's workers, under its id
     assert {labels["replica"] for name, labels, value in series if name == "moe_serve:expert_tokens_total"} == replicas
+
+
+def test_status_board_shows_each_engine_replica_and_drops_stale_posts(app, monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from cluster import status_board
+
+    deadline = time.monotonic() + 30
+    while len(board := status_board.read_board()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)  # each replica posts with its routing stats, every 0.5 s here
+    assert len(board) == 2, board
+    node = ray.get_runtime_context().get_node_id()
+    for posted_node, stats in board.values():
+        assert posted_node == node and stats.num_blocks > 0
+    some_stats = next(iter(board.values()))[1]
+    with monkeypatch.context() as m:  # a post from long ago: a replica gone since
+        m.setattr(status_board, "time", SimpleNamespace(time=lambda: 0.0))
+        status_board.publish("gone", some_stats)
+    status_board.publish("extra", some_stats)
+
+    def keys():
+        return {k.decode() for k in status_board._internal_kv_list(status_board.PREFIX, namespace="moe-serve")}
+
+    assert status_board.PREFIX + "gone" in keys()
+    assert set(status_board.read_board()) == set(board) | {"extra"}  # the old post is not shown,
+    assert status_board.PREFIX + "gone" not in keys()  # and the reader deleted it
+    status_board.remove_board()  # clearing the board removes every post (the replicas post theirs again)
+    assert status_board.PREFIX + "extra" not in keys()
