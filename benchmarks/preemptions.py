@@ -76,7 +76,8 @@ def bench(args, seed: int, out: str) -> subprocess.Popen:
 
 
 def one_round(args, replica: int, seed: int, stopped: list[int]) -> dict:
-    out = tempfile.mktemp(suffix=".json")
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
     for pid in stopped:
         os.kill(pid, signal.SIGSTOP)
     try:
