@@ -9,17 +9,20 @@ load (benchmarks/RESULTS.md). A few posts a minute don't need a process of their
 Replicas post with every health check or routing-stats period (EngineIngress.check_health,
 EngineServer.record_routing_stats). A post older than STALE_S, by the posting node's clock, is from a replica that was
 scaled down or died: it is not shown, and the reader deletes it. `moe-serve up` clears the board as it stops.
+Posts are JSON: anything that can write to the cluster's key-value store could write there, and what the reader loads
+must not run code (no pickle).
 """
 
 from __future__ import annotations
 
-import pickle
+import json
 import time
 
 import ray
 from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_list, _internal_kv_put
 
 from router.engine_stats import EngineStats
+from router.worker_stats import WorkerStats, WorkerTime
 
 NAMESPACE, PREFIX = "moe-serve", "engine-stats/"
 STALE_S = 10.0
@@ -28,7 +31,7 @@ STALE_S = 10.0
 def publish(replica: str, stats: EngineStats) -> None:
     """Posts an engine replica's stats, as of now: one GCS call (the replicas post from a thread, not their event
     loop), from any process connected to the cluster."""
-    value = pickle.dumps((time.time(), ray.get_runtime_context().get_node_id(), stats))
+    value = json.dumps([time.time(), ray.get_runtime_context().get_node_id(), stats])  # NamedTuples as lists
     _internal_kv_put(PREFIX + replica, value, overwrite=True, namespace=NAMESPACE)
 
 
@@ -39,12 +42,24 @@ def read_board() -> dict[str, tuple[str, EngineStats]]:
         value = _internal_kv_get(key, namespace=NAMESPACE)
         if value is None:  # deleted since it was listed
             continue
-        posted, node, stats = pickle.loads(value)
-        if now - posted < STALE_S:
-            board[key.decode()[len(PREFIX):]] = (node, stats)
-        else:
+        post = parsed(value)
+        if post is not None and now - post[0] < STALE_S:
+            board[key.decode()[len(PREFIX):]] = post[1:]
+        else:  # stale, or not a post
             _internal_kv_del(key, namespace=NAMESPACE)
     return board
+
+
+def parsed(value: bytes) -> tuple[float, str, EngineStats] | None:
+    """(posted, node id, stats) from a post's JSON; None if it isn't one."""
+    try:
+        posted, node, (*counts, workers) = json.loads(value)
+        if workers is not None:
+            expert_tokens, times = workers
+            workers = WorkerStats(tuple(expert_tokens), tuple(WorkerTime(*t) for t in times))
+        return float(posted), str(node), EngineStats(*counts, workers)
+    except (ValueError, TypeError):
+        return None
 
 
 def remove_board() -> None:

@@ -148,7 +148,9 @@ def test_status_board_shows_each_engine_replica_and_drops_stale_posts(app, monke
         return {k.decode() for k in status_board._internal_kv_list(status_board.PREFIX, namespace="moe-serve")}
 
     assert status_board.PREFIX + "gone" in keys()
-    assert set(status_board.read_board()) == set(board) | {"extra"}  # the old post is not shown,
+    now = status_board.read_board()
+    assert set(now) == set(board) | {"extra"}  # the old post is not shown,
+    assert now["extra"] == (node, some_stats)  # a post reads back as it was posted
     assert status_board.PREFIX + "gone" not in keys()  # and the reader deleted it
     status_board.remove_board()  # clearing the board removes every post (the replicas post theirs again)
     assert status_board.PREFIX + "extra" not in keys()
