@@ -14,6 +14,11 @@ from tests.harness import (
     prefill_logits,
     random_prompts,
 )
+from workers import mla_attention
+from workers.block_manager import BlockManager
+from workers.mla_attention import fresh_runs
+from workers.model_runner import SeqChunk
+from workers.sampler import SampleRow
 
 
 def test_logits_match_transformers(checkpoint_dir, kind):
@@ -44,6 +49,43 @@ def test_mla_prefills_expanded_in_groups_match_transformers(checkpoint_dir, kind
         want = hf_logits(ref, p)
         assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), f"prompt of {len(p)} tokens"
 
+
+@pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
+def test_mla_fresh_prompts_of_one_length_attend_together(checkpoint_dir, kind, monkeypatch):
+    """In a group, each run of fresh prompts of one length attends in one SDPA call; a chunk over a cached prefix
+    between them goes alone. Here: 6+6 together, then a 4-token chunk after 5 cached tokens, then 6+6+6 together,
+    all in one forward; every position's logits are transformers'."""
+    d = checkpoint_dir(kind)
+    eng, ref = engine(d), hf_model(d)
+    runner = eng.executor.runner
+    calls = []
+    together = mla_attention.causal_attention
+    monkeypatch.setattr(mla_attention, "causal_attention",
+                        lambda q, *a: calls.append(tuple(q.shape[:2])) or together(q, *a))
+    fresh = random_prompts([6] * 5, seed=7)
+    (cont,) = random_prompts([9], seed=8)
+    bm = BlockManager(runner.kv_cache.num_blocks, runner.kv_cache.block_size)
+
+    def chunk(tokens: list[int], start: int, prompt: list[int]) -> SeqChunk:
+        table: list[int] = []
+        bm.grow(table, len(prompt))
+        return SeqChunk(tokens, start, table, (SampleRow(GREEDY, 0, None, prompt, []),))
+
+    first = chunk(cont[:5], 0, cont)
+    runner.forward_logits([first], all_positions=True)  # its first 5 tokens cached
+    chunks = [chunk(p, 0, p) for p in fresh]
+    chunks.insert(2, first._replace(token_ids=cont[5:], start=5))
+    logits = runner.forward_logits(chunks, all_positions=True).split([len(c.token_ids) for c in chunks])
+    assert calls == [(2, 6), (3, 6)] * len(runner.model.model.layers)
+    for c, got in zip(chunks, logits):
+        want = hf_logits(ref, list(c.samples[0].prompt_ids))[c.start :]
+        assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), f"chunk from {c.start}"
+
+
+def test_fresh_runs():
+    """Consecutive fresh prompts (query = context) of one length run together; anything else runs alone."""
+    group = [(0, 0, 5, 5), (1, 5, 5, 5), (2, 10, 1, 8), (3, 11, 5, 5), (4, 16, 5, 5), (5, 21, 3, 3), (6, 24, 3, 7)]
+    assert [[p[0] for p in run] for run in fresh_runs(group)] == [[0, 1], [2], [3, 4], [5], [6]]
 
 def test_greedy_32_tokens_identical(checkpoint_dir, kind):
     d = checkpoint_dir(kind)

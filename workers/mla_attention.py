@@ -4,14 +4,12 @@ The cache holds, per token, the normalized latent c_kv [L] and the roped key k_p
 cached expanded. kv_b_proj's rows are kept grouped as [all heads' W_UK | all heads' W_UV] (the checkpoint
 interleaves them per head), so each half is one contiguous [H, *, L] batch for the decode bmms. Prefill chunks
 expand their context through kv_b_proj (the "naive" form, see tiled_attention): short ones together, up to the
-score budget's elements, and a long one a tile at a time; decode uses the weight-absorbed form, scoring queries
-directly against the latents and applying W_UV after attention. A step may mix both: its decode tokens come first
-in the flat batch.
+score budget's elements (fresh prompts of one length then attend in one SDPA call), and a long one a tile at a
+time; decode uses the weight-absorbed form, scoring queries directly against the latents and applying W_UV after
+attention. A step may mix both: its decode tokens come first in the flat batch.
 """
 
 from __future__ import annotations
-
-from itertools import accumulate
 
 import torch
 from torch import nn
@@ -21,7 +19,7 @@ from workers.config import ModelConfig
 from workers.mla_decode import MLADecode, torch_mla_decode
 from workers.rms_norm import RMSNorm
 from workers.rotary_embedding import RotaryEmbedding, softmax_scale
-from workers.tiled_attention import SCORE_BUDGET, tiled_attention
+from workers.tiled_attention import SCORE_BUDGET, causal_attention, tiled_attention
 
 
 class MLAAttention(nn.Module):
@@ -63,21 +61,34 @@ class MLAAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)  # [T, L+R]
         latent = self.kv_a_layernorm(kv[:, :L])  # [T, L]
         k_pe = self.rotary(kv[:, None, L:], cos, sin)[:, 0]  # [T, R]
-        store(cache, meta.slot_mapping, torch.cat((latent, k_pe), dim=-1))
+        entries = torch.cat((latent, k_pe), dim=-1)  # [T, L+R]
+        store(cache, meta.slot_mapping, entries)
         nd = meta.num_decodes if self.absorb_decode else 0
         out = q_nope.new_empty(T, H, self.v_dim)  # [T, H, V]
         if nd:
             out[:nd] = self._decode_absorbed(q_nope[:nd], q_pe[:nd], cache, meta)
         for group in self._expansion_groups(list(meta.prefills(first=nd))):
-            contexts = [meta.context(cache, i) for i, _, _, _ in group]  # each [C, L+R]
             if len(group) == 1:  # expanded a tile at a time, however long
-                tiles = [self._kv_tiles(contexts[0])]
-            else:  # short contexts: one kv_b_proj for the whole group
-                k, v = self._kv_tiles(torch.cat(contexts))(0, sum(map(len, contexts)))  # [ΣC, H, N+R], [ΣC, H, V]
-                starts = accumulate((len(c) for c in contexts), initial=0)
-                tiles = [kv_slices(k, v, first) for first in starts]
-            for (_, start, qlen, clen), kv_tile in zip(group, tiles):
+                i, start, qlen, clen = group[0]
+                kv_tile = self._kv_tiles(meta.context(cache, i))
                 out[start : start + qlen] = tiled_attention(q[start : start + qlen], kv_tile, clen, self.scale)
+                continue
+            # short contexts: one kv_b_proj for the whole group; a fresh prompt's context is its own new entries
+            contexts = [entries[start : start + qlen] if qlen == clen else meta.context(cache, i)
+                        for i, start, qlen, clen in group]  # each [C, L+R]
+            k, v = self._kv_tiles(torch.cat(contexts))(0, sum(map(len, contexts)))  # [ΣC, H, N+R], [ΣC, H, V]
+            first = 0  # the run's first row in k and v
+            for run in fresh_runs(group):
+                _, start, qlen, clen = run[0]
+                n = len(run)
+                if n > 1:  # fresh prompts of one length: one causal SDPA call for them all
+                    rows, kv_rows = slice(start, start + n * qlen), slice(first, first + n * qlen)
+                    out[rows] = causal_attention(q[rows].unflatten(0, (n, qlen)), k[kv_rows].unflatten(0, (n, qlen)),
+                                                 v[kv_rows].unflatten(0, (n, qlen)), self.scale).flatten(0, 1)
+                else:
+                    out[start : start + qlen] = tiled_attention(q[start : start + qlen], kv_slices(k, v, first), clen,
+                                                                self.scale)
+                first += n * clen
         return self.o_proj(out.flatten(1))  # [T, D]
 
     def _expansion_groups(self, prefills: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
@@ -128,6 +139,19 @@ class MLAAttention(nn.Module):
         q = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, L+R]
         o_latent = self.mla_decode(q, cache, meta, self.scale, self.latent_dim)  # [B, H, L]
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
+
+
+def fresh_runs(group: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    """A group's prefills (i, start, query_len, context_len) in order, each run of consecutive fresh prompts (no
+    cached prefix: query_len == context_len) of one length together, every other prefill alone."""
+    runs: list[list[tuple[int, int, int, int]]] = []
+    for p in group:
+        qlen, clen = p[2], p[3]
+        if runs and qlen == clen and runs[-1][0][2:] == (qlen, qlen):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
 
 
 def kv_slices(k: torch.Tensor, v: torch.Tensor, first: int):

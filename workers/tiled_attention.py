@@ -51,22 +51,32 @@ def tiled_attention(q: torch.Tensor, kv_tile: KVTile, context_len: int, scale: f
     return out.reshape(H, Q, -1).permute(1, 0, 2)  # [Q, H, Dv]
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Several fresh prompts of one length at once: q [B, S, H, Dk], k [B, S, KVH, Dk], v [B, S, KVH, Dv], each
+    prompt's queries attending causally to its own keys, in one SDPA call; returns [B, S, H, Dv]."""
+    return _sdpa(q, k, v, 0, scale)
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
-    """One SDPA call over [Q, H, Dk] queries and [C, KVH, D] keys and values, as a 4-D batch of one: torch's
-    fused kernels take only 4-D inputs with one head dim (3-D, or MLA's 192-wide keys with 128-wide values, fall
-    to its unfused path, ~10x slower on CPU at 512 tokens). The narrower side is zero-padded, which changes no
-    score and no output column; the padding is sliced off."""
-    Q, C, Dk, Dv = q.shape[0], k.shape[0], q.shape[-1], v.shape[-1]
+    """One SDPA call over [Q, H, Dk] queries and [C, KVH, D] keys and values (or a batch of them, [B, Q, H, Dk] and
+    [B, C, KVH, D]) as 4-D inputs: torch's fused kernels take only 4-D inputs with one head dim (3-D, or MLA's
+    192-wide keys with 128-wide values, fall to its unfused path, ~10x slower on CPU at 512 tokens). The narrower
+    side is zero-padded, which changes no score and no output column; the padding is sliced off."""
+    batched = q.dim() == 4
+    if not batched:
+        q, k, v = q[None], k[None], v[None]  # a batch of one
+    Q, C, Dk, Dv = q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]
     mask = None
     if offset:
         rows = torch.arange(Q, device=q.device)[:, None] + offset
         mask = torch.arange(C, device=q.device)[None, :] <= rows  # [Q, C]
     if Dv < Dk:
-        v = F.pad(v, (0, Dk - Dv))  # [C, KVH, Dk]
+        v = F.pad(v, (0, Dk - Dv))  # [B, C, KVH, Dk]
     elif Dk < Dv:
-        q, k = F.pad(q, (0, Dv - Dk)), F.pad(k, (0, Dv - Dk))  # [Q, H, Dv], [C, KVH, Dv]
+        q, k = F.pad(q, (0, Dv - Dk)), F.pad(k, (0, Dv - Dk))  # [B, Q, H, Dv], [B, C, KVH, Dv]
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
-        is_causal=mask is None and Q > 1, scale=scale, enable_gqa=k.shape[1] != q.shape[1],
-    )  # [1, H, Q, max(Dk, Dv)]
-    return o[0, :, :, :Dv].transpose(0, 1)  # [Q, H, Dv]
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        is_causal=mask is None and Q > 1, scale=scale, enable_gqa=k.shape[2] != q.shape[2],
+    )  # [B, H, Q, max(Dk, Dv)]
+    o = o[..., :Dv].transpose(1, 2)  # [B, Q, H, Dv]
+    return o if batched else o[0]
