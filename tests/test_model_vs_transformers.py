@@ -14,11 +14,11 @@ from tests.harness import (
     prefill_logits,
     random_prompts,
 )
-from workers import mla_attention
+from workers import llama_attention, mla_attention, tiled_attention
 from workers.block_manager import BlockManager
-from workers.mla_attention import fresh_runs
 from workers.model_runner import SeqChunk
 from workers.sampler import SampleRow
+from workers.tiled_attention import fresh_runs
 
 
 def test_logits_match_transformers(checkpoint_dir, kind):
@@ -50,18 +50,18 @@ def test_mla_prefills_expanded_in_groups_match_transformers(checkpoint_dir, kind
         assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), f"prompt of {len(p)} tokens"
 
 
-@pytest.mark.parametrize("kind", ["v2_lite", "v2_236b"])
-def test_mla_fresh_prompts_of_one_length_attend_together(checkpoint_dir, kind, monkeypatch):
-    """In a group, each run of fresh prompts of one length attends in one SDPA call; a chunk over a cached prefix
-    between them goes alone. Here: 6+6 together, then a 4-token chunk after 5 cached tokens, then 6+6+6 together,
-    all in one forward; every position's logits are transformers'."""
+def test_fresh_prompts_of_one_length_attend_together(checkpoint_dir, kind, monkeypatch):
+    """Each run of fresh prompts of one length attends in one SDPA call (in MLA, within a group of short prefills);
+    a chunk over a cached prefix between them goes alone. Here: 6+6 together, then a 4-token chunk after 5 cached
+    tokens, then 6+6+6 together, all in one forward; every position's logits are transformers'."""
     d = checkpoint_dir(kind)
     eng, ref = engine(d), hf_model(d)
     runner = eng.executor.runner
     calls = []
-    together = mla_attention.causal_attention
-    monkeypatch.setattr(mla_attention, "causal_attention",
-                        lambda q, *a: calls.append(tuple(q.shape[:2])) or together(q, *a))
+    together = tiled_attention.causal_attention
+    for module in (mla_attention, llama_attention):
+        monkeypatch.setattr(module, "causal_attention",
+                            lambda q, *a: calls.append(tuple(q.shape[:2])) or together(q, *a))
     fresh = random_prompts([6] * 5, seed=7)
     (cont,) = random_prompts([9], seed=8)
     bm = BlockManager(runner.kv_cache.num_blocks, runner.kv_cache.block_size)

@@ -1,4 +1,9 @@
-"""LlamaAttention: MHA, GQA and MQA over a paged K/V cache (dense DeepSeek-Coder)."""
+"""LlamaAttention: MHA, GQA and MQA over a paged K/V cache (dense DeepSeek-Coder).
+
+A prefill chunk attends to its context read back from the cache (`tiled_attention`), except that consecutive fresh
+prompts of one length attend together, over the step's own keys and values, in one SDPA call; decode queries score
+their gathered contexts in two matmuls.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from workers.attention_metadata import AttentionMetadata, store
 from workers.config import ModelConfig
 from workers.linear import QKVLinear
 from workers.rotary_embedding import RotaryEmbedding
-from workers.tiled_attention import tiled_attention
+from workers.tiled_attention import causal_attention, fresh_runs, tiled_attention
 
 
 class LlamaAttention(nn.Module):
@@ -29,14 +34,21 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj(x).split([H * Dh, KV * Dh, KV * Dh], dim=-1)
         q = self.rotary(q.view(T, H, Dh), cos, sin)  # [T, H, Dh]
         k = self.rotary(k.view(T, KV, Dh), cos, sin)  # [T, KV, Dh]
-        store(cache, meta.slot_mapping, torch.stack((k, v.view(T, KV, Dh)), dim=1))  # cache [N, bs, 2, KV, Dh]
+        v = v.view(T, KV, Dh)
+        store(cache, meta.slot_mapping, torch.stack((k, v), dim=1))  # cache [N, bs, 2, KV, Dh]
         nd = meta.num_decodes
         out = torch.empty_like(q)  # [T, H, Dh]
         if nd:
             out[:nd] = self._decode(q[:nd], cache, meta)
-        for i, start, qlen, clen in meta.prefills():
-            out[start : start + qlen] = tiled_attention(q[start : start + qlen], self._kv_tiles(meta.context(cache, i)),
-                                                        clen, self.scale)
+        for run in fresh_runs(list(meta.prefills())):
+            i, start, qlen, clen = run[0]
+            if len(run) > 1:  # fresh prompts of one length: their own new keys and values, one causal SDPA call
+                rows = slice(start, start + len(run) * qlen)
+                q_run, k_run, v_run = (t[rows].unflatten(0, (len(run), qlen)) for t in (q, k, v))  # [n, S, *, Dh]
+                out[rows] = causal_attention(q_run, k_run, v_run, self.scale).flatten(0, 1)
+            else:
+                out[start : start + qlen] = tiled_attention(q[start : start + qlen],
+                                                            self._kv_tiles(meta.context(cache, i)), clen, self.scale)
         return self.o_proj(out.flatten(1))  # [T, D]
 
     def _decode(self, q, cache, meta: AttentionMetadata) -> torch.Tensor:

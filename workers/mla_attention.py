@@ -19,7 +19,7 @@ from workers.config import ModelConfig
 from workers.mla_decode import MLADecode, torch_mla_decode
 from workers.rms_norm import RMSNorm
 from workers.rotary_embedding import RotaryEmbedding, softmax_scale
-from workers.tiled_attention import SCORE_BUDGET, causal_attention, tiled_attention
+from workers.tiled_attention import SCORE_BUDGET, causal_attention, fresh_runs, tiled_attention
 
 
 class MLAAttention(nn.Module):
@@ -139,19 +139,6 @@ class MLAAttention(nn.Module):
         q = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, L+R]
         o_latent = self.mla_decode(q, cache, meta, self.scale, self.latent_dim)  # [B, H, L]
         return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
-
-
-def fresh_runs(group: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
-    """A group's prefills (i, start, query_len, context_len) in order, each run of consecutive fresh prompts (no
-    cached prefix: query_len == context_len) of one length together, every other prefill alone."""
-    runs: list[list[tuple[int, int, int, int]]] = []
-    for p in group:
-        qlen, clen = p[2], p[3]
-        if runs and qlen == clen and runs[-1][0][2:] == (qlen, qlen):
-            runs[-1].append(p)
-        else:
-            runs.append([p])
-    return runs
 
 
 def kv_slices(k: torch.Tensor, v: torch.Tensor, first: int):

@@ -57,6 +57,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     return _sdpa(q, k, v, 0, scale)
 
 
+def fresh_runs(prefills: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+    """Prefills (i, start, query_len, context_len) in their order in the batch, each run of consecutive fresh
+    prompts (no cached prefix: query_len == context_len) of one length together, for `causal_attention`; every
+    other prefill alone."""
+    runs: list[list[tuple[int, int, int, int]]] = []
+    for p in prefills:
+        qlen, clen = p[2], p[3]
+        if runs and qlen == clen and runs[-1][0][2:] == (qlen, qlen):
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return runs
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
     """One SDPA call over [Q, H, Dk] queries and [C, KVH, D] keys and values (or a batch of them, [B, Q, H, Dk] and
     [B, C, KVH, D]) as 4-D inputs: torch's fused kernels take only 4-D inputs with one head dim (3-D, or MLA's
