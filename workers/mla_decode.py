@@ -99,8 +99,8 @@ _clock = time.perf_counter
 def _race(forms: tuple[MLADecode, ...], q, cache, meta, latent_dim: int) -> list[float]:
     """Each form's best time over PROBE_ROUNDS runs (after a warm-up run each). The forms take turns, so a passing
     slowdown of the machine (another process on the core, a hypervisor's steal) costs one run of one form rather
-    than every run of whichever form it fell on: a probe timed a form at a time chose the bmm form, twice as slow
-    in the engine, in about one engine build in ten on a busy 2-core VM."""
+    than every run of whichever form it fell on. Timed a form at a time, the probe chose the bmm form (twice as slow
+    in the engine) in 3 choices of 40 on a 2-core VM beside a bursty load."""
     best = [math.inf] * len(forms)
     for r in range(PROBE_ROUNDS + 1):
         for i, fn in enumerate(forms):

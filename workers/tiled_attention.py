@@ -3,6 +3,8 @@
 A chunk of Q new queries attends to its whole context (cached prefix plus itself). The context is visited in
 tiles with an online softmax, so the scores never take more than H x Q x tile elements: attention memory is
 O(chunk x tile), whatever the context length. A context that fits in one tile takes a single SDPA call.
+Consecutive fresh prompts of one length (`fresh_runs`) need no cached context: `causal_attention` takes them
+together, as one batch of one SDPA call.
 """
 
 from __future__ import annotations
