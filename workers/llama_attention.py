@@ -40,7 +40,7 @@ class LlamaAttention(nn.Module):
         out = torch.empty_like(q)  # [T, H, Dh]
         if nd:
             out[:nd] = self._decode(q[:nd], cache, meta)
-        for run in fresh_runs(list(meta.prefills())):
+        for run in fresh_runs(list(meta.prefills()), H):
             i, start, qlen, clen = run[0]
             if len(run) > 1:  # fresh prompts of one length: their own new keys and values, one causal SDPA call
                 rows = slice(start, start + len(run) * qlen)

@@ -78,7 +78,7 @@ class MLAAttention(nn.Module):
                         for i, start, qlen, clen in group]  # each [C, L+R]
             k, v = self._kv_tiles(torch.cat(contexts))(0, sum(map(len, contexts)))  # [ΣC, H, N+R], [ΣC, H, V]
             first = 0  # the run's first row in k and v
-            for run in fresh_runs(group):
+            for run in fresh_runs(group, H):
                 _, start, qlen, clen = run[0]
                 n = len(run)
                 if n > 1:  # fresh prompts of one length: one causal SDPA call for them all

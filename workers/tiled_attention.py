@@ -24,7 +24,7 @@ def tiled_attention(q: torch.Tensor, kv_tile: KVTile, context_len: int, scale: f
     """q [Q, H, Dk], the last Q positions of a context of context_len; returns [Q, H, Dv]."""
     Q, H, Dk = q.shape
     offset = context_len - Q  # position of the first query
-    tile = max(MIN_TILE, SCORE_BUDGET // (H * Q))
+    tile = tile_len(Q, H)
     if context_len <= tile:
         k, v = kv_tile(0, context_len)
         return _sdpa(q, k, v, offset, scale)
@@ -53,20 +53,26 @@ def tiled_attention(q: torch.Tensor, kv_tile: KVTile, context_len: int, scale: f
     return out.reshape(H, Q, -1).permute(1, 0, 2)  # [Q, H, Dv]
 
 
+def tile_len(query_len: int, heads: int) -> int:
+    """Keys per tile for query_len queries of `heads` heads: a context up to this long takes one SDPA call."""
+    return max(MIN_TILE, SCORE_BUDGET // (heads * query_len))
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Several fresh prompts of one length at once: q [B, S, H, Dk], k [B, S, KVH, Dk], v [B, S, KVH, Dv], each
     prompt's queries attending causally to its own keys, in one SDPA call; returns [B, S, H, Dv]."""
     return _sdpa(q, k, v, 0, scale)
 
 
-def fresh_runs(prefills: list[tuple[int, int, int, int]]) -> list[list[tuple[int, int, int, int]]]:
+def fresh_runs(prefills: list[tuple[int, int, int, int]], heads: int) -> list[list[tuple[int, int, int, int]]]:
     """Prefills (i, start, query_len, context_len) in their order in the batch, each run of consecutive fresh
     prompts (no cached prefix: query_len == context_len) of one length together, for `causal_attention`; every
-    other prefill alone."""
+    other prefill alone. Only prompts that `tiled_attention` would take in one SDPA call anyway (no longer than a
+    tile) run together: a longer one keeps its tiles, and the memory they bound."""
     runs: list[list[tuple[int, int, int, int]]] = []
     for p in prefills:
         qlen, clen = p[2], p[3]
-        if runs and qlen == clen and runs[-1][0][2:] == (qlen, qlen):
+        if runs and qlen == clen and runs[-1][0][2:] == (qlen, qlen) and qlen <= tile_len(qlen, heads):
             runs[-1].append(p)
         else:
             runs.append([p])
