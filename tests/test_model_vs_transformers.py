@@ -18,7 +18,6 @@ from workers import llama_attention, mla_attention, tiled_attention
 from workers.block_manager import BlockManager
 from workers.model_runner import SeqChunk
 from workers.sampler import SampleRow
-from workers.tiled_attention import fresh_runs, tile_len
 
 
 def test_logits_match_transformers(checkpoint_dir, kind):
@@ -81,15 +80,6 @@ def test_fresh_prompts_of_one_length_attend_together(checkpoint_dir, kind, monke
         want = hf_logits(ref, list(c.samples[0].prompt_ids))[c.start :]
         assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item(), f"chunk from {c.start}"
 
-
-def test_fresh_runs():
-    """Consecutive fresh prompts (query = context) of one length run together; anything else runs alone."""
-    group = [(0, 0, 5, 5), (1, 5, 5, 5), (2, 10, 1, 8), (3, 11, 5, 5), (4, 16, 5, 5), (5, 21, 3, 3), (6, 24, 3, 7)]
-    assert [[p[0] for p in run] for run in fresh_runs(group, heads=16)] == [[0, 1], [2], [3, 4], [5], [6]]
-    # prompts longer than a tile keep their tiles: 1000 tokens of 16 heads fit one (of 1048 keys), 1100 do not
-    assert tile_len(1000, 16) >= 1000 and tile_len(1100, 16) < 1100
-    assert [[p[0] for p in run] for run in fresh_runs([(0, 0, 1000, 1000), (1, 1000, 1000, 1000)], 16)] == [[0, 1]]
-    assert [[p[0] for p in run] for run in fresh_runs([(0, 0, 1100, 1100), (1, 1100, 1100, 1100)], 16)] == [[0], [1]]
 
 def test_greedy_32_tokens_identical(checkpoint_dir, kind):
     d = checkpoint_dir(kind)
