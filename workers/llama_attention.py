@@ -44,8 +44,7 @@ class LlamaAttention(nn.Module):
             i, start, qlen, clen = run[0]
             if len(run) > 1:  # fresh prompts of one length: their own new keys and values, one causal SDPA call
                 rows = slice(start, start + len(run) * qlen)
-                q_run, k_run, v_run = (t[rows].unflatten(0, (len(run), qlen)) for t in (q, k, v))  # [n, S, *, Dh]
-                out[rows] = causal_attention(q_run, k_run, v_run, self.scale).flatten(0, 1)
+                out[rows] = causal_attention(q[rows], k[rows], v[rows], len(run), self.scale)
             else:
                 out[start : start + qlen] = tiled_attention(q[start : start + qlen],
                                                             self._kv_tiles(meta.context(cache, i)), clen, self.scale)

@@ -83,8 +83,7 @@ class MLAAttention(nn.Module):
                 n = len(run)
                 if n > 1:  # fresh prompts of one length: one causal SDPA call for them all
                     rows, kv_rows = slice(start, start + n * qlen), slice(first, first + n * qlen)
-                    out[rows] = causal_attention(q[rows].unflatten(0, (n, qlen)), k[kv_rows].unflatten(0, (n, qlen)),
-                                                 v[kv_rows].unflatten(0, (n, qlen)), self.scale).flatten(0, 1)
+                    out[rows] = causal_attention(q[rows], k[kv_rows], v[kv_rows], n, self.scale)
                 else:
                     out[start : start + qlen] = tiled_attention(q[start : start + qlen], kv_slices(k, v, first), clen,
                                                                 self.scale)

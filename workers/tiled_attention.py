@@ -58,10 +58,12 @@ def tile_len(query_len: int, heads: int) -> int:
     return max(MIN_TILE, SCORE_BUDGET // (heads * query_len))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Several fresh prompts of one length at once: q [B, S, H, Dk], k [B, S, KVH, Dk], v [B, S, KVH, Dv], each
-    prompt's queries attending causally to its own keys, in one SDPA call; returns [B, S, H, Dv]."""
-    return _sdpa(q, k, v, 0, scale)
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scale: float) -> torch.Tensor:
+    """n fresh prompts of one length S, back to back: q [n*S, H, Dk], k [n*S, KVH, Dk], v [n*S, KVH, Dv], each
+    prompt's queries attending causally to its own keys, in one SDPA call over a batch of n; returns [n*S, H, Dv]."""
+    S = q.shape[0] // n
+    q, k, v = (t.unflatten(0, (n, S)) for t in (q, k, v))  # [n, S, *, D]
+    return _sdpa(q, k, v, 0, scale).flatten(0, 1)
 
 
 def fresh_runs(prefills: list[tuple[int, int, int, int]], heads: int) -> list[list[tuple[int, int, int, int]]]:
