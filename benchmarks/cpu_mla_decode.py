@@ -40,13 +40,13 @@ def alone(kernel: CpuMLADecode) -> list[tuple]:
         torch.set_num_threads(threads)
         for batch, context in ((1, 100), (64, 100), (64, 1000), (16, 4000)):
             lens = tuple(context - i % 7 for i in range(batch))
-            q, cache, meta = decode_case(lens, HEADS, LATENT, ROPE, torch.device("cpu"), dtype)
+            case = decode_case(lens, HEADS, LATENT, ROPE, torch.device("cpu"), dtype)
             times = []
             for fn in (kernel, torch_mla_decode):
                 runs = []
                 for _ in range(12):
                     t0 = time.perf_counter()
-                    fn(q, cache, meta, 0.07, LATENT)
+                    fn(*case, 0.07)
                     runs.append(time.perf_counter() - t0)
                 times.append(statistics.median(runs[2:]) * 1e6)
             rows.append((threads, batch, context, *times))

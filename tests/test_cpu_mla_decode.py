@@ -36,10 +36,10 @@ def threads(request):
 @pytest.mark.parametrize("heads, page", [(16, 16), (20, 12), (6, 16)])
 def test_kernel_matches_bmm_form(threads, dtype, heads, page):
     lens = (1, 37, 130, 300, 2)  # one entry; odd lengths; several tiles (of 128 in bf16, 64 in float32)
-    q, cache, meta = decode_case(lens, heads, 64, 32, CPU, dtype, page=page, seed=3)
-    got = KERNELS[dtype](q, cache, meta, 0.1, 64)  # [B, H, L]
-    want = torch_mla_decode(q.float(), cache.float(), meta, 0.1, 64)
-    assert got.shape == (len(lens), heads, 64) and got.dtype == dtype
+    q_latent, q_pe, cache, meta = decode_case(lens, heads, 64, 32, CPU, dtype, page=page, seed=3)
+    got = KERNELS[dtype](q_latent, q_pe, cache, meta, 0.1)  # [H, B, L]
+    want = torch_mla_decode(q_latent.float(), q_pe.float(), cache.float(), meta, 0.1)
+    assert got.shape == (heads, len(lens), 64) and got.dtype == dtype
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
@@ -48,8 +48,8 @@ def test_reads_nothing_past_a_sequence(threads, dtype):
     """Cache slots past each length (the rest of its last block, every other block, and block 0, which pads the
     block tables) hold NaN: none may reach the output, including the odd lengths' unpaired last entries."""
     lens = (5, 33, 16)
-    q, cache, meta = decode_case(lens, 16, 64, 32, CPU, dtype, page=16, seed=4)
-    want = KERNELS[dtype](q, cache, meta, 0.1, 64)
+    q_latent, q_pe, cache, meta = decode_case(lens, 16, 64, 32, CPU, dtype, page=16, seed=4)
+    want = KERNELS[dtype](q_latent, q_pe, cache, meta, 0.1)
     poisoned = torch.full((1 + cache.shape[0], *cache.shape[1:]), math.nan, dtype=dtype)  # block 0 added
     for i, n in enumerate(lens):
         for s in range(n):
@@ -58,7 +58,7 @@ def test_reads_nothing_past_a_sequence(threads, dtype):
     shifted = torch.zeros_like(meta.block_tables)  # table padding points at the NaN block
     for i, n in enumerate(lens):
         shifted[i, : -(-n // 16)] = meta.block_tables[i, : -(-n // 16)] + 1
-    got = KERNELS[dtype](q, poisoned, replace(meta, block_tables=shifted), 0.1, 64)
+    got = KERNELS[dtype](q_latent, q_pe, poisoned, replace(meta, block_tables=shifted), 0.1)
     assert torch.isfinite(got.float()).all()
     assert torch.equal(got, want)
 

@@ -27,12 +27,13 @@ def test_kernel_matches_bmm_form(dtype, programs, monkeypatch):
     if programs:
         monkeypatch.setattr(kernel, "_num_programs", lambda device: programs)
     lens = (1, 37, 130)  # one entry; a partial last page; several tiles
-    q, cache, meta = decode_case(lens, heads=20, latent=64, rope=16, page=16, dtype=dtype)  # 20: a partial head group
+    # 20 heads: a partial head group
+    q_latent, q_pe, cache, meta = decode_case(lens, heads=20, latent=64, rope=16, page=16, dtype=dtype)
     splits = kernel.num_splits(len(lens), 20, DEVICE)
     assert splits == (min(kernel.MAX_SPLITS, -(-programs // 6)) if programs else splits)
-    got = paged_mla_decode(q, cache, meta, 0.1, 64)
-    want = torch_mla_decode(q.float(), cache.float(), meta, 0.1, 64)
-    assert got.shape == (3, 20, 64) and got.dtype == dtype
+    got = paged_mla_decode(q_latent, q_pe, cache, meta, 0.1)
+    want = torch_mla_decode(q_latent.float(), q_pe.float(), cache.float(), meta, 0.1)
+    assert got.shape == (20, 3, 64) and got.dtype == dtype
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
@@ -43,9 +44,9 @@ def test_kernel_at_real_widths(programs, monkeypatch):
     if programs:
         monkeypatch.setattr(kernel, "_num_programs", lambda device: programs)
     lens = (1, 300, 1000)
-    q, cache, meta = decode_case(lens, heads=16, latent=512, rope=64, page=16, dtype=DTYPES[-1], seed=2)
-    got = paged_mla_decode(q, cache, meta, 0.05, 512)
-    want = torch_mla_decode(q.float(), cache.float(), meta, 0.05, 512)
+    q_latent, q_pe, cache, meta = decode_case(lens, heads=16, latent=512, rope=64, page=16, dtype=DTYPES[-1], seed=2)
+    got = paged_mla_decode(q_latent, q_pe, cache, meta, 0.05)
+    want = torch_mla_decode(q_latent.float(), q_pe.float(), cache.float(), meta, 0.05)
     torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
 
 

@@ -41,12 +41,12 @@ _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
 class CpuMLADecode:
-    """Callable as an `MLADecode`: (q [B, H, L+R], cache [N, page, L+R], meta, scale, L) -> [B, H, L], all in the
-    kernel's dtype."""
+    """Callable as an `MLADecode`: (q_latent [H, B, L], q_pe [B, H, R], cache [N, page, L+R], meta, scale) ->
+    [H, B, L], all in the kernel's dtype. q_pe may be a strided view (its rows contiguous)."""
 
     def __init__(self, lib: ctypes.CDLL, dtype: torch.dtype):
         self.lib, self.dtype = lib, dtype
-        lib.mla_decode.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I]
+        lib.mla_decode.argtypes = [_P, _P, _I, _I, _P, _P, _P, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _I]
 
     @classmethod
     def build(cls, latent_dim: int, rope_dim: int, dtype: torch.dtype) -> CpuMLADecode | None:
@@ -58,13 +58,17 @@ class CpuMLADecode:
         lib = variant.library.load("the CPU MLA decode kernel", "using the bmm form")
         return None if lib is None else cls(lib, dtype)
 
-    def __call__(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                 latent_dim: int) -> torch.Tensor:
-        B, H, D = q.shape
-        assert q.dtype == cache.dtype == self.dtype and D == cache.shape[-1], "[B, H, L+R] query and cache"
-        q, tables, lens = q.contiguous(), meta.block_tables[:B], meta.context_lens[:B]
+    def __call__(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                 scale: float) -> torch.Tensor:
+        H, B, L = q_latent.shape
+        D = cache.shape[-1]
+        assert q_latent.dtype == q_pe.dtype == cache.dtype == self.dtype, "query and cache in the kernel's dtype"
+        assert q_pe.shape == (B, H, D - L), "q_latent [H, B, L], q_pe [B, H, R] and cache [N, page, L+R]"
+        q_latent, tables, lens = q_latent.contiguous(), meta.block_tables[:B], meta.context_lens[:B]
+        q_pe = q_pe if q_pe.stride(-1) == 1 else q_pe.contiguous()
         assert tables.dtype == lens.dtype == torch.int64 and tables.is_contiguous() and cache.is_contiguous()
-        out = q.new_empty(B, H, latent_dim)  # [B, H, L]
-        self.lib.mla_decode(q.data_ptr(), cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), B, H, D, latent_dim,
-                            cache.shape[1], tables.shape[1], scale, out.data_ptr(), torch.get_num_threads())
+        out = q_latent.new_empty(H, B, L)  # [H, B, L]
+        self.lib.mla_decode(q_latent.data_ptr(), q_pe.data_ptr(), q_pe.stride(0), q_pe.stride(1), cache.data_ptr(),
+                            tables.data_ptr(), lens.data_ptr(), B, H, D, L, cache.shape[1], tables.shape[1], scale,
+                            out.data_ptr(), torch.get_num_threads())
         return out

@@ -55,18 +55,19 @@ class MLAAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         T, H, L = x.shape[0], self.num_heads, self.latent_dim
+        nd = meta.num_decodes if self.absorb_decode else 0
         q = self._query(x).view(T, H, self.nope_dim + self.rope_dim)  # [T, H, N+R]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [T, H, N], [T, H, R]
-        q_pe.copy_(self.rotary(q_pe, cos, sin))  # in place: q is now [q_nope | roped q_pe]
+        roped = self.rotary(q_pe, cos, sin)  # [T, H, R]
+        q_pe[nd:] = roped[nd:]  # in place: the prefill rows of q are now [q_nope | roped q_pe]
         kv = self.kv_a_proj_with_mqa(x)  # [T, L+R]
         latent = self.kv_a_layernorm(kv[:, :L])  # [T, L]
         k_pe = self.rotary(kv[:, None, L:], cos, sin)[:, 0]  # [T, R]
         entries = torch.cat((latent, k_pe), dim=-1)  # [T, L+R]
         store(cache, meta.slot_mapping, entries)
-        nd = meta.num_decodes if self.absorb_decode else 0
         out = q_nope.new_empty(T, H, self.v_dim)  # [T, H, V]
         if nd:
-            out[:nd] = self._decode_absorbed(q_nope[:nd], q_pe[:nd], cache, meta)
+            out[:nd] = self._decode_absorbed(q_nope[:nd], roped[:nd], cache, meta)
         for group in self._expansion_groups(list(meta.prefills(first=nd))):
             if len(group) == 1:  # expanded a tile at a time, however long
                 i, start, qlen, clen = group[0]
@@ -134,10 +135,9 @@ class MLAAttention(nn.Module):
         """The query absorbed into the latent ([q_latent | q_pe] scores the cached [c_kv | k_pe] directly), the
         attention over the latents, then W_UV."""
         w_uk, w_uv = self._w_kv_b()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, L]
-        q = torch.cat((q_latent, q_pe), dim=-1)  # [B, H, L+R]
-        o_latent = self.mla_decode(q, cache, meta, self.scale, self.latent_dim)  # [B, H, L]
-        return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, B, L]
+        o_latent = self.mla_decode(q_latent, q_pe, cache, meta, self.scale)  # [H, B, L]
+        return torch.bmm(o_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
 
 
 def kv_slices(k: torch.Tensor, v: torch.Tensor, first: int):

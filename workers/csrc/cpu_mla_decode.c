@@ -5,9 +5,10 @@
  * own default is per calling thread); loaded beside torch, the library binds to the libgomp that torch already
  * loaded (the same soname), so it runs on torch's thread pool.
  *
- * Layouts (bf16 is uint16_t here): q [B, H, D]; cache [N, page, D], an entry being [c_kv (L) | k_pe (D - L)];
- * tables [B, M] block ids (int64); lens [B] context lengths (int64); out [B, H, L] bf16. D is a multiple of 32, L
- * of 16.
+ * Layouts (bf16 is uint16_t here): the query in two parts, q_latent [H, B, L] (as the W_UK bmm leaves it) and q_pe,
+ * row (b, h) at q_pe + b * pe_b + h * pe_h, its D - L elements contiguous; cache [N, page, D], an entry being
+ * [c_kv (L) | k_pe (D - L)]; tables [B, M] block ids (int64); lens [B] context lengths (int64); out [H, B, L] bf16
+ * (as the W_UV bmm takes it). D is a multiple of 32, L of 16.
  *
  * One work item is a sequence and a block of HB heads, taken a tile of TILE entries at a time (read through the
  * block table in place, and from L2 the second time): the tile's scores (fp32), their exponentials against the
@@ -138,11 +139,11 @@ static void values(const uint32_t *const prow[HB], const uint16_t **ptr, int64_t
   }
 }
 
-/* out[b, h] = sum over s < lens[b] of softmax_s(scale * <q[b, h], entry s>) * c_kv of entry s, with `threads`
- * OpenMP threads sharing out the (sequence, head block) items. */
-void mla_decode(const uint16_t *q, const uint16_t *cache, const int64_t *tables, const int64_t *lens, int64_t B,
-                int64_t H, int64_t D, int64_t L, int64_t page, int64_t M, float scale, uint16_t *out,
-                int64_t threads) {
+/* out[h, b] = sum over s < lens[b] of softmax_s(scale * <[q_latent[h, b] | q_pe[b, h]], entry s>) * c_kv of entry s,
+ * with `threads` OpenMP threads sharing out the (sequence, head block) items. */
+void mla_decode(const uint16_t *q_latent, const uint16_t *q_pe, int64_t pe_b, int64_t pe_h, const uint16_t *cache,
+                const int64_t *tables, const int64_t *lens, int64_t B, int64_t H, int64_t D, int64_t L, int64_t page,
+                int64_t M, float scale, uint16_t *out, int64_t threads) {
   int64_t longest = 0;
   for (int64_t b = 0; b < B; b++) longest = lens[b] > longest ? lens[b] : longest;
   const int64_t blocks = (H + HB - 1) / HB;
@@ -163,7 +164,10 @@ void mla_decode(const uint16_t *q, const uint16_t *cache, const int64_t *tables,
     for (int64_t s = 0; s < n; s++) ptr[s] = entry(cache, tables + b * M, page, D, s);
     ptr[n] = n ? ptr[n - 1] : cache;  /* an odd length's last pair: its weight is zero */
     memset(qb, 0, HB * D * sizeof(uint16_t));
-    memcpy(qb, q + (b * H + h0) * D, hb * D * sizeof(uint16_t));
+    for (int64_t h = 0; h < hb; h++) {  /* [q_latent | q_pe] of each head */
+      memcpy(qb + h * D, q_latent + ((h0 + h) * B + b) * L, L * sizeof(uint16_t));
+      memcpy(qb + h * D + L, q_pe + b * pe_b + (h0 + h) * pe_h, (D - L) * sizeof(uint16_t));
+    }
     memset(acc_mem, 0, HB * L * sizeof(float));
     float top[HB], total[HB];
     for (int h = 0; h < HB; h++) top[h] = -__builtin_inff(), total[h] = 0.0f;
@@ -186,7 +190,7 @@ void mla_decode(const uint16_t *q, const uint16_t *cache, const int64_t *tables,
     for (int64_t h = 0; h < hb; h++) {
       const __m512 inv = _mm512_set1_ps(1.0f / total[h]);
       for (int64_t c = 0; c < L; c += 16)
-        _mm256_storeu_si256((__m256i *)(out + (b * H + h0 + h) * L + c),
+        _mm256_storeu_si256((__m256i *)(out + ((h0 + h) * B + b) * L + c),
                             (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(inv, _mm512_loadu_ps(acc_mem + h * L + c))));
     }
   }

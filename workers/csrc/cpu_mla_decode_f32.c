@@ -3,8 +3,10 @@
  * The float32 sibling of cpu_mla_decode.c (same entry point, same work items, same online softmax; see there), built
  * by workers/cpu_mla_decode.py with cc -O3 -fopenmp -mavx2 -mfma and called through ctypes on torch's OpenMP pool.
  *
- * Layouts (all float32): q [B, H, D]; cache [N, page, D], an entry being [c_kv (L) | k_pe (D - L)]; tables [B, M]
- * block ids (int64); lens [B] context lengths (int64); out [B, H, L]. D is a multiple of 8, L of 16.
+ * Layouts (all float32): the query in two parts, q_latent [H, B, L] (as the W_UK bmm leaves it) and q_pe, row (b, h)
+ * at q_pe + b * pe_b + h * pe_h, its D - L elements contiguous; cache [N, page, D], an entry being
+ * [c_kv (L) | k_pe (D - L)]; tables [B, M] block ids (int64); lens [B] context lengths (int64); out [H, B, L] (as the
+ * W_UV bmm takes it). D is a multiple of 8, L of 16.
  *
  * One work item is a sequence and a block of HB heads, taken a tile of TILE entries at a time: the tile's scores,
  * their exponentials against the running maximum, and the weighted sum of the tile's latents, added to the item's
@@ -134,10 +136,11 @@ static void values(const float *probs, const float **ptr, int64_t n, int64_t hb,
   }
 }
 
-/* out[b, h] = sum over s < lens[b] of softmax_s(scale * <q[b, h], entry s>) * c_kv of entry s, with `threads`
- * OpenMP threads sharing out the (sequence, head block) items. */
-void mla_decode(const float *q, const float *cache, const int64_t *tables, const int64_t *lens, int64_t B, int64_t H,
-                int64_t D, int64_t L, int64_t page, int64_t M, float scale, float *out, int64_t threads) {
+/* out[h, b] = sum over s < lens[b] of softmax_s(scale * <[q_latent[h, b] | q_pe[b, h]], entry s>) * c_kv of entry s,
+ * with `threads` OpenMP threads sharing out the (sequence, head block) items. */
+void mla_decode(const float *q_latent, const float *q_pe, int64_t pe_b, int64_t pe_h, const float *cache,
+                const int64_t *tables, const int64_t *lens, int64_t B, int64_t H, int64_t D, int64_t L, int64_t page,
+                int64_t M, float scale, float *out, int64_t threads) {
   int64_t longest = 0;
   for (int64_t b = 0; b < B; b++) longest = lens[b] > longest ? lens[b] : longest;
   const int64_t blocks = (H + HB - 1) / HB;
@@ -154,7 +157,10 @@ void mla_decode(const float *q, const float *cache, const int64_t *tables, const
     for (int64_t s = 0; s < n; s++) ptr[s] = entry(cache, tables + b * M, page, D, s);
     ptr[n] = n ? ptr[n - 1] : cache;  /* an odd length's last pair: its score is not kept */
     memset(qb, 0, HB * D * sizeof(float));
-    memcpy(qb, q + (b * H + h0) * D, hb * D * sizeof(float));
+    for (int64_t h = 0; h < hb; h++) {  /* [q_latent | q_pe] of each head */
+      memcpy(qb + h * D, q_latent + ((h0 + h) * B + b) * L, L * sizeof(float));
+      memcpy(qb + h * D + L, q_pe + b * pe_b + (h0 + h) * pe_h, (D - L) * sizeof(float));
+    }
     memset(acc_mem, 0, HB * L * sizeof(float));
     float top[HB], total[HB];
     for (int h = 0; h < HB; h++) top[h] = -INFINITY, total[h] = 0.0f;
@@ -173,7 +179,7 @@ void mla_decode(const float *q, const float *cache, const int64_t *tables, const
     for (int64_t h = 0; h < hb; h++) {
       const __m256 inv = _mm256_set1_ps(1.0f / total[h]);
       for (int64_t c = 0; c < L; c += 8)
-        _mm256_storeu_ps(out + (b * H + h0 + h) * L + c, _mm256_mul_ps(inv, _mm256_loadu_ps(acc_mem + h * L + c)));
+        _mm256_storeu_ps(out + ((h0 + h) * B + b) * L + c, _mm256_mul_ps(inv, _mm256_loadu_ps(acc_mem + h * L + c)));
     }
   }
   free(acc_mem);
