@@ -8,7 +8,8 @@
 in one uvicorn process, for what Ray Serve's path costs; "engine 1 CPU" gives the colocated model one torch thread
 and leaves the other core to Serve's processes; "direct" has the Ingress replica listen on the port itself (`--ingress
 direct`), without Serve's proxy between; "engine ingress" is one replica that holds the engine (two torch threads)
-and listens on the port itself (`--ingress engine`), so a request never leaves the model's process. The model is
+and listens on the port itself (`--ingress engine`), so a request never leaves the model's process; "no
+dashboard" is that one in a Ray without its dashboard's module processes (`--no-ray-dashboard`). The model is
 offline_throughput.py's mini DeepSeek-V2 with the real MLA widths, float32 (--dtype: every server's). Each
 request: 32 random prompt token ids, 64 output tokens (ignore_eos, greedy), streamed a token per chunk
 (--stream-interval K: every server sends a chunk every K tokens).
@@ -83,6 +84,8 @@ def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
             "moe-serve colocated (engine 1 CPU)": (up + ["--engine-cpus", "1"], {}),
             "moe-serve colocated (engine 1 CPU, direct)": (up + ["--engine-cpus", "1", "--ingress", "direct"], {}),
             "moe-serve colocated (engine ingress)": (up + ["--engine-cpus", "2", "--ingress", "engine"], {}),
+            "moe-serve colocated (engine ingress, no dashboard)": (
+                up + ["--engine-cpus", "2", "--ingress", "engine", "--no-ray-dashboard"], {}),
             "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port), dtype, str(interval)],
                                  no_ray_env),
             "moe-serve 2+2": (up[:4] + [str(work / "2x2.yaml")] + up[4:], {}),

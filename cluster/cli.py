@@ -176,7 +176,7 @@ UP_FIELDS = {  # `moe-serve up` flags -> the config fields they override
     "attention_workers": "topology.attention_workers", "expert_workers": "topology.expert_workers",
     "expert_placement": "topology.expert_placement", "micro_batches": "topology.micro_batches",
     "engine_replicas": "replicas.engine", "engine_cpus": "resources.engine.cpus", "malloc": "resources.malloc",
-    "host": "server.host", "ingress": "server.ingress",
+    "host": "server.host", "ingress": "server.ingress", "no_ray_dashboard": "server.ray_dashboard",
     "http_port": "server.http_port", "grpc_port": "server.grpc_port", "api_key": "server.api_keys",
 }
 
@@ -186,8 +186,9 @@ def overrides(args) -> dict:
     given = {UP_FIELDS[k]: v for k, v in vars(args).items() if k in UP_FIELDS}
     if "model.path" in given:
         given["model.path"] = str(Path(given["model.path"]).resolve())  # relative to here, not to the config
-    if "cache.prefix_caching" in given:
-        given["cache.prefix_caching"] = not given["cache.prefix_caching"]
+    for field in ("cache.prefix_caching", "server.ray_dashboard"):  # set by --no-... flags
+        if field in given:
+            given[field] = not given[field]
     if "topology.expert_placement" in given:
         given["topology.expert_placement"] = list(given["topology.expert_placement"])
     return given
@@ -223,6 +224,9 @@ def cmd_up(args) -> int:
         raise config.error("server.ingress", f"{server.ingress} is set up in the Ray that `moe-serve up` starts; on "
                            "a cluster started elsewhere use proxy (or start its nodes with Serve's direct ingress "
                            "variables, cluster/direct_ingress.py)")
+    if not server.ray_dashboard and not own_ray:
+        raise config.error("server.ray_dashboard", "the dashboard is left out of the Ray that `moe-serve up` starts; "
+                           "on a cluster started elsewhere, start its head with `ray start --include-dashboard=false`")
     if own_ray:  # for the Ray we start (its processes take our environment), unless set otherwise
         for name, value in SERVE_ENV.items():
             os.environ.setdefault(name, value)
@@ -253,7 +257,8 @@ def cmd_up(args) -> int:
         env, allocator = malloc.preload_env(config.resources.malloc)
         runtime_env["env_vars"].update(env)
         say(f"memory allocator of the workers: {allocator}")
-    ray.init(address=args.address or "local", logging_level=logging.WARNING, runtime_env=runtime_env)
+    ray.init(address=args.address or "local", logging_level=logging.WARNING, runtime_env=runtime_env,
+             include_dashboard=None if server.ray_dashboard else False)  # None: where Ray's dashboard is installed
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a service manager's stop (even if started with
         signal.signal(sig, signal.default_int_handler)  # SIGINT ignored, as a background job is)
     try:
@@ -382,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--ingress", choices=["proxy", "direct", "engine"],
                    help="who listens on the ports: Serve's proxy, the Ingress replicas directly, or the one engine "
                         "replica directly, with no separate Ingress (server.ingress)")
+    u.add_argument("--no-ray-dashboard", action="store_true",
+                   help="start Ray without its dashboard: fewer processes beside the model (server.ray_dashboard)")
     u.add_argument("--http-port", type=int)
     u.add_argument("--grpc-port", type=int)
     u.add_argument("--address", default=None,

@@ -144,6 +144,14 @@ def test_direct_ingress_needs_the_ray_that_up_starts(capsys):
     assert "server.ingress: direct is set up in the Ray that `moe-serve up` starts" in capsys.readouterr().err
 
 
+def test_dashboard_is_left_out_only_of_the_ray_that_up_starts(capsys):
+    assert ServeConfig.load(None, {}).server.ray_dashboard  # on unless asked
+    assert overrides(build_parser().parse_args(["up", "--no-ray-dashboard"])) == {"server.ray_dashboard": False}
+    assert main(["up", "--no-ray-dashboard", "--address", "auto"]) == 2
+    assert "server.ray_dashboard: the dashboard is left out of the Ray that `moe-serve up` starts" in (
+        capsys.readouterr().err)
+
+
 def test_serve_import_path_takes_a_config(tmp_path, checkpoint_dir):
     from ray.serve import Application
 

@@ -2,7 +2,7 @@
 first real request over HTTP and prints it, serves others over HTTP and gRPC, on loopback only, reports healthy
 (gRPC health, `moe-serve status`), and Ctrl-C stops it cleanly. With `--ingress direct`, the same, with the Ingress
 replica itself (not Serve's proxy) on the ports; with `--ingress engine`, the one engine replica on the ports, with no
-Ingress replica."""
+Ingress replica (and, with `--no-ray-dashboard`, no Ray dashboard)."""
 
 import os
 import signal
@@ -27,9 +27,10 @@ from workers.multiproc_executor import free_port
 def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path, ingress):
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    no_dashboard = ["--no-ray-dashboard"] if ingress == "engine" else []  # the Ray dashboard left out here
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "up", "--http-port", str(http_port),
-                             "--grpc-port", str(grpc_port), "--ingress", ingress], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                             "--grpc-port", str(grpc_port), "--ingress", ingress, *no_dashboard], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
         deadline = time.monotonic() + 180
@@ -75,6 +76,8 @@ def test_up_serves_the_default_model_and_stops_on_ctrl_c(tmp_path, ingress):
                     assert s.connect_ex((address, port)) != 0, f"port {port} answers on {address}"
         ray_processes = psutil.Process(proc.pid).children(recursive=True)  # the local Ray it started
         assert any("raylet" in c.name() for c in ray_processes)
+        dashboard_modules = [c for c in ray_processes if "ray-dashboard-" in " ".join(c.cmdline())]
+        assert bool(dashboard_modules) != bool(no_dashboard)  # `moe-serve status` above answered without them
         engine = [c for c in ray_processes if holder in " ".join(c.cmdline())]
         assert len(engine) == 1
         ingress_replicas = [c for c in ray_processes if "moe-serve:Ingress " in " ".join(c.cmdline()) + " "]
