@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tests.harness import engine, experts_of, generate_tokens, packing_dtypes, random_prompts
-from workers.cpu_experts import LIBRARY, CpuExperts
+from workers.cpu_experts import CpuExperts
+from workers.cpu_grouped_gemm import LIBRARY
 from workers.experts import Experts
 from workers.packed_experts import PackedExperts, pack_experts
 

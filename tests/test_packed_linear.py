@@ -10,6 +10,8 @@ from torch import nn
 
 from tests.harness import engine, experts_of, generate_tokens, packing_dtypes, random_prompts
 from workers import packed_linear
+from workers.cpu_grouped_gemm import LIBRARY
+from workers.cpu_linear import CpuLinear
 from workers.packed_linear import (
     EXACT_ROWS,
     PackedLinear,
@@ -24,6 +26,12 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN here")
 DTYPES = packing_dtypes()
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
+C_KERNEL = LIBRARY.load("the CPU grouped GEMM kernel", "skipped") is not None
+
+
+def packed_kind(dtype: str) -> type:
+    """What pack_linears gives a layer in this dtype on this machine."""
+    return CpuLinear if dtype == "float32" and C_KERNEL else PackedLinear
 
 
 def test_chosen_for_cpu_float32_and_bf16_where_the_cpu_has_it(monkeypatch):
@@ -84,13 +92,13 @@ def test_pack_leaves_read_and_shared_weights(checkpoint_dir, dtype):
     model = eng.executor.runner.model
     assert type(model.lm_head) is nn.Linear  # tied to the embedding: packing would keep a second copy
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert isinstance(model.model.layers[0].self_attn.o_proj, PackedLinear)
+    assert type(model.model.layers[0].self_attn.o_proj) is packed_kind(dtype)
 
     eng = engine(checkpoint_dir("v2_lite"), dtype=dtype)
     model = eng.executor.runner.model
     attn = model.model.layers[0].self_attn
     assert type(attn.kv_b_proj) is nn.Linear  # the absorbed decode reads its weight
-    assert isinstance(attn.o_proj, PackedLinear) and isinstance(model.lm_head, PackedLinear)
+    assert type(attn.o_proj) is packed_kind(dtype) and type(model.lm_head) is packed_kind(dtype)
     assert pack_linears(model) == 0  # nothing left to pack
 
 
@@ -100,9 +108,9 @@ def test_engine_tokens_unchanged(checkpoint_dir, kind, dtype, monkeypatch):
     d = checkpoint_dir(kind)
     prompts = random_prompts([5, 40, 17], seed=3)
     packed_engine = engine(d, dtype=dtype)
-    assert isinstance(packed_engine.executor.runner.model.lm_head, PackedLinear)
+    assert type(packed_engine.executor.runner.model.lm_head) is packed_kind(dtype)
     packed = generate_tokens(packed_engine, prompts)
     monkeypatch.setattr("workers.model_runner.packing_helps", lambda *a: False)
     plain_engine = engine(d, dtype=dtype)
-    assert not any(isinstance(m, PackedLinear) for m in plain_engine.executor.runner.model.modules())
+    assert not any(isinstance(m, (PackedLinear, CpuLinear)) for m in plain_engine.executor.runner.model.modules())
     assert packed == generate_tokens(plain_engine, prompts)

@@ -178,8 +178,8 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, dispatcher: Di
                         mla_decode=select_mla_decode(device, dtype, model_config.kv_lora_rank,
                                                      model_config.qk_rope_head_dim))
     if packing_helps(device, dtype):
-        log.info("%d linear layers' and %d expert groups' weights prepacked for oneDNN", pack_linears(model),
-                 pack_experts(model))
+        log.info("%d linear layers' and %d expert groups' weights prepacked (for oneDNN or the C grouped GEMM)",
+                 pack_linears(model), pack_experts(model))
         t0 = time.perf_counter()
         kernels = warm_up(model, config.max_num_batched_tokens)  # a step's rows: at most its tokens
         log.info("%d oneDNN kernels built in %.1f s (each packed shape at each row bucket)", kernels,

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.cpu_linear import CpuLinear
+
 
 def packing_helps(device: torch.device, dtype: torch.dtype) -> bool:
     """On CPU with oneDNN: float32 on x86 (where it was measured), and bf16 where the CPU has oneDNN's bf16
@@ -96,12 +98,13 @@ def warm_up(model: nn.Module, max_rows: int) -> int:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replaces each nn.Linear of the loaded model by a PackedLinear; returns how many. Left as they are: a layer
-    marked `packable = False` (its weight is read directly) and one whose weight is shared (a tied lm_head: packing
-    it would keep two copies)."""
+    """Replaces each nn.Linear of the loaded model by a CpuLinear where the C kernel takes it (float32 with AVX2),
+    else by a PackedLinear; returns how many. Left as they are: a layer marked `packable = False` (its weight is read
+    directly) and one whose weight is shared (a tied lm_head: packing it would keep two copies)."""
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # a shared weight: 2+
     return replace_modules(model, lambda m: (isinstance(m, nn.Linear) and getattr(m, "packable", True)
-                                             and owners[id(m.weight)] == 1), PackedLinear)
+                                             and owners[id(m.weight)] == 1),
+                           lambda m: CpuLinear.build(m) or PackedLinear(m))
 
 
 def replace_modules(model: nn.Module, wanted, build) -> int:

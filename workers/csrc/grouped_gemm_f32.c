@@ -1,19 +1,19 @@
-/* Grouped GEMM in float32 on x86 CPUs with AVX2 and FMA: the routed experts' projections, each group of rows (the
- * tokens routed to one expert) times its own weight.
+/* Grouped GEMM in float32 on x86 CPUs with AVX2 and FMA: groups of rows, each times its own weight. The routed
+ * experts' projections (a group per expert: the tokens routed to it) and the linear layers (one group).
  *
- * Built by workers/cpu_experts.py (through CLibrary) with cc -O3 -fopenmp -mavx2 -mfma and called through ctypes on
- * torch's OpenMP pool. The point is the thread split: oneDNN and MKL split each expert's small GEMM (10-30 rows at
- * decode) over the threads, and ran it barely faster on two threads than on one; here one thread takes a whole
- * (expert, panel) item, and the threads share out the items of all the experts.
+ * Built by workers/cpu_grouped_gemm.py (through CLibrary) with cc -O3 -fopenmp -mavx2 -mfma and called through
+ * ctypes on torch's OpenMP pool. The point is the thread split: oneDNN and MKL split each expert's small GEMM (10-30
+ * rows at decode) over the threads, and ran it barely faster on two threads than on one; here one thread takes a
+ * whole item, and the threads share out the items of all the groups as they go.
  *
  * Layouts (all float32, row-major): x [T, K], its rows sorted by group; offsets [G + 1], group g's rows being
  * offsets[g] .. offsets[g + 1]; w [G, N / NR, K, NR], each group's [N, K] weight cut into panels of NR outputs, a
- * panel stored k-major (`pack_panels` in cpu_experts.py); y [T, N]. N is a multiple of NR.
+ * panel stored k-major (`pack_panels` in cpu_grouped_gemm.py); y [T, N]. N is a multiple of NR.
  *
- * One work item is a group and a panel: the group's rows, MR at a time, against the panel's [K, NR] weights (32 KiB
- * at K = 512, read from memory once and then from cache). The register block is MR rows by NR outputs: 12 of AVX2's
- * 16 vector registers accumulate, two hold the panel's row k, one the broadcast input. Each output is summed over k
- * in order, one FMA at a time.
+ * One work item is a group, a chunk of its rows and a panel: the chunk's rows, MR at a time, against the panel's
+ * [K, NR] weights (32 KiB at K = 512, read from memory once and then from cache). The register block is MR rows by
+ * NR outputs: 12 of AVX2's 16 vector registers accumulate, two hold the panel's row k, one the broadcast input. Each
+ * output is summed over k in order, one FMA at a time.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -59,15 +59,27 @@ static void panel(const float *a, int64_t rows, const float *b, int64_t K, float
   }
 }
 
+/* Rows per work item: a chunk of at most this many input bytes, so that a group's rows stay in the core's L2 cache
+ * while its item walks through the panel's weights and the next items (the same chunk, the next panels) reuse them.
+ * At decode a group's rows are one chunk; a prefill's thousands of rows are cut up. */
+#define CHUNK_BYTES (128 * 1024)
+
 /* y[offsets[g] : offsets[g + 1]] = x[offsets[g] : offsets[g + 1]] times w[g] transposed, for each group g, with
- * `threads` OpenMP threads sharing out the (group, panel) items. */
+ * `threads` OpenMP threads sharing out the (group, row chunk, panel) items. */
 void grouped_gemm(const float *x, const int64_t *offsets, int64_t G, const float *w, int64_t K, int64_t N, float *y,
                   int64_t threads) {
   const int64_t panels = N / NR;
+  int64_t chunk = CHUNK_BYTES / (K * (int64_t)sizeof(float));
+  chunk = chunk < MR ? MR : chunk - chunk % MR;
+  int64_t first[G + 1];  /* group g's items are first[g] .. first[g + 1] */
+  first[0] = 0;
+  for (int64_t g = 0; g < G; g++) first[g + 1] = first[g] + (offsets[g + 1] - offsets[g] + chunk - 1) / chunk * panels;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
-  for (int64_t item = 0; item < G * panels; item++) {
-    const int64_t g = item / panels, p = item % panels, start = offsets[g], rows = offsets[g + 1] - start;
-    if (rows)
-      panel(x + start * K, rows, w + (g * panels + p) * K * NR, K, y + start * N + p * NR, N);
+  for (int64_t item = 0; item < first[G]; item++) {
+    int64_t g = 0;
+    while (first[g + 1] <= item) g++;
+    const int64_t c = (item - first[g]) / panels, p = (item - first[g]) % panels;
+    const int64_t start = offsets[g] + c * chunk, end = offsets[g + 1], rows = end - start < chunk ? end - start : chunk;
+    panel(x + start * K, rows, w + (g * panels + p) * K * NR, K, y + start * N + p * NR, N);
   }
 }

@@ -1,0 +1,61 @@
+"""The C grouped GEMM (float32, AVX2) as the linear layers' kernel (CpuLinear) and as a grouped GEMM whose groups
+span several row chunks: the same outputs as torch, the fallbacks where it does not fit, and what pack_linears
+picks."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.cpu_grouped_gemm import LIBRARY, CpuGroupedGemm, pack_panels
+from workers.cpu_linear import CpuLinear
+from workers.packed_linear import PackedLinear, pack_linears
+
+pytestmark = pytest.mark.skipif(LIBRARY.load("the CPU grouped GEMM kernel", "skipped") is None,
+                                reason="no AVX2 and FMA, or no C compiler, here")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(0, 96), (1, 96), (7, 96), (2, 5, 96), (21, 96), (3, 50, 96), (700, 96)])
+def test_same_result_as_linear(shape, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=bias)
+    x = torch.randn(*shape)
+    got = CpuLinear.build(linear)(x)
+    assert got.shape == (*shape[:-1], 160) and got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_groups_over_several_row_chunks():
+    # at K = 96 a work item takes at most 336 rows (128 KiB of input): 700 rows are three chunks, 350 two
+    torch.manual_seed(0)
+    counts = [0, 700, 3, 0, 350, 1]
+    w = torch.randn(len(counts), 32, 96)  # [G, N, K]
+    x = torch.randn(sum(counts), 96)
+    offsets = F.pad(torch.tensor(counts).cumsum(0), (1, 0))
+    got = CpuGroupedGemm.load()(x, pack_panels(w), offsets)
+    want = torch.cat([rows @ w[g].T for g, rows in enumerate(x.split(counts))])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="expected"):
+        CpuGroupedGemm.load()(x, pack_panels(w), offsets.int())  # int32 offsets would be read as int64
+
+
+def test_only_where_it_fits(monkeypatch, tmp_path, caplog):
+    linear = nn.Linear(64, 96)
+    assert isinstance(CpuLinear.build(linear), CpuLinear)
+    assert CpuLinear.build(nn.Linear(64, 100)) is None  # outputs not a multiple of 16
+    assert CpuLinear.build(nn.Linear(64, 96).bfloat16()) is None
+    with monkeypatch.context() as m:
+        m.setenv("MOE_SERVE_CPU_LINEAR_KERNEL", "0")  # turned off
+        assert CpuLinear.build(linear) is None
+        model = nn.Sequential(nn.Linear(64, 96))
+        assert pack_linears(model) == 1 and type(model[0]) is PackedLinear
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING):
+        m.setenv("MOE_SERVE_KERNEL_CACHE", str(tmp_path))
+        m.setenv("CC", "false")  # a compiler that fails
+        assert CpuLinear.build(linear) is None
+        assert "could not build the CPU grouped GEMM kernel" in caplog.text
+    model = nn.Sequential(nn.Linear(64, 96), nn.Linear(96, 100))
+    assert pack_linears(model) == 2 and type(model[0]) is CpuLinear and type(model[1]) is PackedLinear
