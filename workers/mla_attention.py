@@ -16,7 +16,6 @@ from torch import nn
 
 from workers.attention_metadata import AttentionMetadata, store
 from workers.config import ModelConfig
-from workers.latent_projections import LatentProjections
 from workers.mla_decode import MLADecode, torch_mla_decode
 from workers.rms_norm import RMSNorm
 from workers.rotary_embedding import RotaryEmbedding, softmax_scale
@@ -47,7 +46,6 @@ class MLAAttention(nn.Module):
         self.scale = softmax_scale(qk_dim, config.rope)
         self.absorb_decode = True
         self.mla_decode = mla_decode
-        self.latent_projections = LatentProjections(self._w_kv_b)  # W_UK and W_UV (CPU: swapped after loading)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -136,9 +134,10 @@ class MLAAttention(nn.Module):
     def _decode_absorbed(self, q_nope, q_pe, cache, meta: AttentionMetadata) -> torch.Tensor:
         """The query absorbed into the latent ([q_latent | q_pe] scores the cached [c_kv | k_pe] directly), the
         attention over the latents, then W_UV."""
-        q_latent = self.latent_projections.query(q_nope)  # [H, B, L]
+        w_uk, w_uv = self._w_kv_b()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, B, L]
         o_latent = self.mla_decode(q_latent, q_pe, cache, meta, self.scale)  # [H, B, L]
-        return self.latent_projections.output(o_latent)  # [B, H, V]
+        return torch.bmm(o_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
 
 
 def kv_slices(k: torch.Tensor, v: torch.Tensor, first: int):
