@@ -1,13 +1,14 @@
 """A linear layer whose weight is reordered once, at build time, into oneDNN's blocked layout (CPU).
 
-torch's bf16 matmul on CPU reorders the weight on every call; reordered once, the model's projections run about
-2x faster on an AVX512-BF16 machine (512 -> 3072: 118 -> 55 us at one token, 226 -> 131 us at 64), with the same
-result bits as `F.linear` (both are oneDNN's kernel). In float32 torch's matmul is MKL's, which on an AVX2 AMD
-machine ran a 64-row GEMM on one of the two cores (64 x 512 -> 3072: 2.8 ms, against 1.5 ms packed on both; the
-mini model's decode step ~15-20% faster, float32 rounding differences aside). `pack_linears` swaps them in after the
-weights are loaded. Inputs are padded to a few row counts (`bucket_rows`), so oneDNN builds its kernels for a handful
-of shapes, not for every token count the scheduler produces: served at concurrency 64, TTFT p50 ~300 instead of ~545
-ms. `warm_up` builds those kernels at start, before the first request waits for them.
+torch's bf16 matmul on CPU reorders the weight on every call; reordered once, the model's projections run about 2x
+faster on an AVX512-BF16 machine (512 -> 3072: 118 -> 55 us at one token, 226 -> 131 us at 64), with the same result
+bits as `F.linear` (both are oneDNN's kernel). In float32 torch's matmul is MKL's, which on an AVX2 AMD machine ran
+a 64-row GEMM on one of the two cores (64 x 512 -> 3072: 2.8 ms, against 1.5 ms packed on both; the mini model's
+decode step ~15-20% faster, float32 rounding differences aside). `pack_linears` swaps them in after the weights are
+loaded, or in float32 with AVX2 the C grouped GEMM's `CpuLinear`, faster again at small batches. Inputs are padded
+to a few row counts (`bucket_rows`), so oneDNN builds its kernels for a handful of shapes, not for every token count
+the scheduler produces: served at concurrency 64, TTFT p50 ~300 instead of ~545 ms. `warm_up` builds those kernels
+at start, before the first request waits for them.
 """
 
 from __future__ import annotations
