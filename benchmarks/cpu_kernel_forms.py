@@ -7,8 +7,9 @@ against oneDNN's `PackedLinear`).
 One engine (offline_throughput.py's mini DeepSeek-V2, float32, 2 torch threads) holds both forms of each. Decode:
 per batch size, `batch` sequences (32 random prompt tokens) decode together, and every STEPS steps one family
 switches form (alternating which goes first), the other staying on the C kernel; medians of ms per step over
---rounds rounds (the contexts grow by 4 x --rounds tokens on the way). Prefill: 64 fresh prompts of 32 tokens, one family's form switched per prefill, the same way.
-In one process, so the machine's drift from minute to minute falls on both forms alike.
+--rounds rounds (the contexts grow by 16 tokens a round on the way). Prefill: 64 fresh prompts of 32 tokens, one
+family's form switched per prefill, the same way. In one process, so the machine's drift from minute to minute falls
+on both forms alike.
 """
 
 from __future__ import annotations

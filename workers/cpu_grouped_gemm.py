@@ -32,8 +32,8 @@ class CpuGroupedGemm:
 
     @staticmethod
     def load() -> CpuGroupedGemm | None:
-        """The kernel (compiled once into the kernel cache); None where this CPU lacks AVX2 and FMA or it does not build (with a
-        warning: the callers then run through oneDNN)."""
+        """The kernel (compiled once into the kernel cache); None where this CPU lacks AVX2 and FMA, or where it
+        does not build (with a warning: the callers then run through oneDNN)."""
         lib = LIBRARY.load("the CPU grouped GEMM kernel", "the experts and linear layers run through oneDNN")
         return None if lib is None else CpuGroupedGemm(lib)
 

@@ -3,11 +3,11 @@
 oneDNN's packed float32 linear (`PackedLinear`) splits a GEMM's outputs over the threads in fixed shares. The
 grouped GEMM's items (16 outputs of a chunk of rows each) are taken by the threads as they go, and no rows are
 padded. On the 2-core Zen 3 machine, over a pass through 32 distinct layers of the mini model's shapes (their
-weights read from memory, as in a step), it took 23% less time than oneDNN at 1 row, 16-18% less at 4-32 rows,
-the same at 64 and 256, and ~4% more at 2048 (a prefill's rows). In the engine, with the two forms switched every
-4 steps in one process (`benchmarks/cpu_kernel_forms.py`), the decode step was 10-13% shorter at batch 1 and 4-9%
-at batch 16, the same at 64 (within 1-4%), and a prefill of 64 prompts the same (within 2%). Each output is its k-ordered sum of FMAs: float32 rounding apart from
-oneDNN's, not bit-equal.
+weights read from memory, as in a step), it took 23% less time than oneDNN at 1 row, 16-18% less at 4-32 rows, the
+same at 64 and 256, and ~4% more at 2048 (a prefill's rows). In the engine, with the two forms switched every 4
+steps in one process (`benchmarks/cpu_kernel_forms.py`), the decode step was 10-13% shorter at batch 1 and 4-9% at
+batch 16, the same at 64 (within 1-4%), and a prefill of 64 prompts the same (within 2%). Each output is its
+k-ordered sum of FMAs: float32 rounding apart from oneDNN's, not bit-equal.
 
 `CpuLinear.build` returns None where the dtype, device, width (outputs a multiple of PANEL), CPU or compiler do not
 fit; MOE_SERVE_CPU_LINEAR_KERNEL=0 turns it off. `pack_linears` then uses a PackedLinear.

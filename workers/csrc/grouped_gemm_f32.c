@@ -73,13 +73,18 @@ void grouped_gemm(const float *x, const int64_t *offsets, int64_t G, const float
   chunk = chunk < MR ? MR : chunk - chunk % MR;
   int64_t first[G + 1];  /* group g's items are first[g] .. first[g + 1] */
   first[0] = 0;
-  for (int64_t g = 0; g < G; g++) first[g + 1] = first[g] + (offsets[g + 1] - offsets[g] + chunk - 1) / chunk * panels;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 2)
-  for (int64_t item = 0; item < first[G]; item++) {
-    int64_t g = 0;
-    while (first[g + 1] <= item) g++;
-    const int64_t c = (item - first[g]) / panels, p = (item - first[g]) % panels;
-    const int64_t start = offsets[g] + c * chunk, end = offsets[g + 1], rows = end - start < chunk ? end - start : chunk;
-    panel(x + start * K, rows, w + (g * panels + p) * K * NR, K, y + start * N + p * NR, N);
+  for (int64_t g = 0; g < G; g++)
+    first[g + 1] = first[g] + (offsets[g + 1] - offsets[g] + chunk - 1) / chunk * panels;
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t g = 0;  /* this thread's last group: its items come in rising order, so the search walks on from it */
+#pragma omp for schedule(dynamic, 2)
+    for (int64_t item = 0; item < first[G]; item++) {
+      if (first[g] > item) g = 0;
+      while (first[g + 1] <= item) g++;
+      const int64_t c = (item - first[g]) / panels, p = (item - first[g]) % panels;
+      const int64_t start = offsets[g] + c * chunk, left = offsets[g + 1] - start;
+      panel(x + start * K, left < chunk ? left : chunk, w + (g * panels + p) * K * NR, K, y + start * N + p * NR, N);
+    }
   }
 }
