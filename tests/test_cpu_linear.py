@@ -46,6 +46,9 @@ def test_only_where_it_fits(monkeypatch, tmp_path, caplog):
     linear = nn.Linear(64, 96)
     assert isinstance(CpuLinear.build(linear), CpuLinear)
     assert CpuLinear.build(nn.Linear(64, 100)) is None  # outputs not a multiple of 16
+    with pytest.warns(UserWarning):  # torch: initializing a zero-element weight is a no-op
+        no_inputs = nn.Linear(0, 96)
+    assert CpuLinear.build(no_inputs) is None
     assert CpuLinear.build(nn.Linear(64, 96).bfloat16()) is None
     with monkeypatch.context() as m:
         m.setenv("MOE_SERVE_CPU_LINEAR_KERNEL", "0")  # turned off

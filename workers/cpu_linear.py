@@ -9,8 +9,8 @@ steps in one process (`benchmarks/cpu_kernel_forms.py`), the decode step was 10-
 batch 16, the same at 64 (within 1-4%), and a prefill of 64 prompts the same (within 2%). Each output is its
 k-ordered sum of FMAs: float32 rounding apart from oneDNN's, not bit-equal.
 
-`CpuLinear.build` returns None where the dtype, device, width (outputs a multiple of PANEL), CPU or compiler do not
-fit; MOE_SERVE_CPU_LINEAR_KERNEL=0 turns it off. `pack_linears` then uses a PackedLinear.
+`CpuLinear.build` returns None where the dtype, device, widths (outputs a multiple of PANEL, inputs), CPU or compiler
+do not fit; MOE_SERVE_CPU_LINEAR_KERNEL=0 turns it off. `pack_linears` then uses a PackedLinear.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class CpuLinear(nn.Module):
         w = linear.weight
         if os.environ.get("MOE_SERVE_CPU_LINEAR_KERNEL") == "0" or w.dtype != torch.float32:
             return None
-        if w.device.type != "cpu" or w.shape[0] % PANEL:
+        if w.device.type != "cpu" or w.shape[0] % PANEL or not w.shape[1]:
             return None
         gemm = CpuGroupedGemm.load()
         return None if gemm is None else cls(linear, gemm)

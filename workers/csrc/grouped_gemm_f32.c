@@ -69,7 +69,7 @@ static void panel(const float *a, int64_t rows, const float *b, int64_t K, float
 void grouped_gemm(const float *x, const int64_t *offsets, int64_t G, const float *w, int64_t K, int64_t N, float *y,
                   int64_t threads) {
   const int64_t panels = N / NR;
-  int64_t chunk = CHUNK_BYTES / (K * (int64_t)sizeof(float));
+  int64_t chunk = K > 0 ? CHUNK_BYTES / (K * (int64_t)sizeof(float)) : MR;  /* K = 0: zeros, in chunks of MR */
   chunk = chunk < MR ? MR : chunk - chunk % MR;
   int64_t first[G + 1];  /* group g's items are first[g] .. first[g + 1] */
   first[0] = 0;
