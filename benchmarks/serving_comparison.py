@@ -11,7 +11,7 @@ direct`), without Serve's proxy between; "engine ingress" is one replica that ho
 and listens on the port itself (`--ingress engine`), so a request never leaves the model's process; "no
 dashboard" is that one in a Ray without its dashboard's module processes (`--no-ray-dashboard`). vLLM runs twice:
 "eager" (`--enforce-eager`) and "compiled", its default, which compiles the model with torch.compile before it
-answers (~2 minutes here) and is the faster of the two on this machine, so the one to beat. The model is
+answers (75-115 s here) and is the faster of the two on this machine, so the one to beat. The model is
 offline_throughput.py's mini DeepSeek-V2 with the real MLA widths, float32 (--dtype: every server's). Each
 request: 32 random prompt token ids, 64 output tokens (ignore_eos, greedy), streamed a token per chunk
 (--stream-interval K: every server sends a chunk every K tokens).
@@ -72,8 +72,9 @@ def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
     venv = Path(vllm_python).parent.parent
     preload = ":".join(p.format(venv=venv) for p in PRELOAD if Path(p.format(venv=venv)).exists())
     vllm = [vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--port", str(port),
-            "--served-model-name", "mini", "--dtype", dtype, "--enforce-eager", "--max-model-len", "4096",
+            "--served-model-name", "mini", "--dtype", dtype, "--max-model-len", "4096",
             "--stream-interval", str(interval)]
+    vllm_env = {**VLLM_ENV, "LD_PRELOAD": preload}
     # every server runs on tcmalloc where it is installed: `moe-serve up` preloads it into its Ray workers, the
     # in-process server and vLLM get it here (vLLM's CPU backend asks for it)
     lib = tcmalloc()
@@ -91,9 +92,9 @@ def servers(ckpt: Path, work: Path, vllm_python: str, port: int, dtype: str,
             "moe-serve no Ray": ([sys.executable, "-c", IN_PROCESS, str(ckpt), str(port), dtype, str(interval)],
                                  no_ray_env),
             "moe-serve 2+2": (up[:4] + [str(work / "2x2.yaml")] + up[4:], {}),
-            "vllm serve (eager)": (vllm, {**VLLM_ENV, "LD_PRELOAD": preload}),
+            "vllm serve (eager)": (vllm + ["--enforce-eager"], vllm_env),
             # vLLM's default: the model compiled with torch.compile at start (before it answers /v1/models)
-            "vllm serve (compiled)": ([a for a in vllm if a != "--enforce-eager"], {**VLLM_ENV, "LD_PRELOAD": preload})}
+            "vllm serve (compiled)": (vllm, vllm_env)}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 600) -> float:
