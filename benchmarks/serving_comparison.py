@@ -11,7 +11,7 @@ direct`), without Serve's proxy between; "engine ingress" is one replica that ho
 and listens on the port itself (`--ingress engine`), so a request never leaves the model's process; "no
 dashboard" is that one in a Ray without its dashboard's module processes (`--no-ray-dashboard`). vLLM runs twice:
 "eager" (`--enforce-eager`) and "compiled", its default, which compiles the model with torch.compile before it
-answers (75-115 s here) and is the faster of the two on this machine, so the one to beat. The model is
+answers (63-115 s here) and is the faster of the two on this machine, so the one to beat. The model is
 offline_throughput.py's mini DeepSeek-V2 with the real MLA widths, float32 (--dtype: every server's). Each
 request: 32 random prompt token ids, 64 output tokens (ignore_eos, greedy), streamed a token per chunk
 (--stream-interval K: every server sends a chunk every K tokens).
