@@ -81,41 +81,49 @@ def use(slots: list[Slot], form: int) -> None:
         setattr(owner, name, forms[form])
 
 
-def decode(engine, slots: dict[str, list[Slot]], batch: int, rounds: int) -> dict[str, tuple[float, float]]:
-    """family -> (median ms per decode step on the C kernel, on the replaced form), `batch` sequences together."""
-    start_decoding(engine, batch, len(FAMILIES) * 2 * STEPS * rounds + 2 * STEPS + 1, 2 * STEPS)
+def alternate(slots: dict[str, list[Slot]], rounds: int, timed) -> dict[str, tuple[float, float]]:
+    """family -> (median of timed()'s ms on the C kernel, on the replaced form): each round, each family in turn
+    switches form (alternating which goes first), the others staying on the C kernel."""
     ms = {family: ([], []) for family in FAMILIES}
     for r in range(rounds):
         for family in FAMILIES:
             for form in (0, 1)[:: 1 if r % 2 else -1]:
                 use(slots[family], form)
-                t0 = time.perf_counter()
-                for _ in range(STEPS):
-                    engine.step()
-                ms[family][form].append((time.perf_counter() - t0) / STEPS * 1000)
+                ms[family][form].append(timed())
             use(slots[family], 0)
+    return {family: (statistics.median(c), statistics.median(o)) for family, (c, o) in ms.items()}
+
+
+def decode(engine, slots: dict[str, list[Slot]], batch: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """family -> (median ms per decode step on the C kernel, on the replaced form), `batch` sequences together."""
+    start_decoding(engine, batch, len(FAMILIES) * 2 * STEPS * rounds + 2 * STEPS + 1, 2 * STEPS)
+
+    def steps() -> float:
+        t0 = time.perf_counter()
+        for _ in range(STEPS):
+            engine.step()
+        return (time.perf_counter() - t0) / STEPS * 1000
+
+    result = alternate(slots, rounds, steps)
     while engine.has_unfinished():
         engine.step()
-    return {family: (statistics.median(c), statistics.median(o)) for family, (c, o) in ms.items()}
+    return result
 
 
 def prefill(engine, slots: dict[str, list[Slot]], prompts: int, rounds: int) -> dict[str, tuple[float, float]]:
     """family -> (median ms for `prompts` fresh prompts' prefill on the C kernel, on the replaced form)."""
     rng = random.Random(0)
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    ms = {family: ([], []) for family in FAMILIES}
-    for r in range(rounds):
-        for family in FAMILIES:
-            for form in (0, 1)[:: 1 if r % 2 else -1]:
-                use(slots[family], form)
-                for _ in range(prompts):
-                    engine.add_request([rng.randrange(2, 8192) for _ in range(PROMPT_LEN)], params)
-                t0 = time.perf_counter()
-                while engine.has_unfinished():
-                    engine.step()
-                ms[family][form].append((time.perf_counter() - t0) * 1000)
-            use(slots[family], 0)
-    return {family: (statistics.median(c), statistics.median(o)) for family, (c, o) in ms.items()}
+
+    def wave() -> float:
+        for _ in range(prompts):
+            engine.add_request([rng.randrange(2, 8192) for _ in range(PROMPT_LEN)], params)
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        return (time.perf_counter() - t0) * 1000
+
+    return alternate(slots, rounds, wave)
 
 
 def main() -> int:
