@@ -1,12 +1,12 @@
-"""The C grouped GEMM's two uses on CPU in float32, each against the form it replaced, in the engine's steps: the
-routed experts (`CpuExperts` against `PackedExperts`' loop of oneDNN GEMMs) and the linear layers (`CpuLinear`
-against oneDNN's `PackedLinear`).
+"""The C grouped GEMM's three uses on CPU in float32, each against the form it replaced, in the engine's steps: the
+routed experts (`CpuExperts` against `PackedExperts`' loop of oneDNN GEMMs), the linear layers (`CpuLinear` against
+oneDNN's `PackedLinear`) and MLA's absorbed W_UK and W_UV (`CpuKvBProjection` against `KvBProjection`'s bmms).
 
     python benchmarks/cpu_kernel_forms.py [--work DIR] [--rounds 12] [--batch 1 --batch 16 --batch 64]
 
 One engine (offline_throughput.py's mini DeepSeek-V2, float32, 2 torch threads) holds both forms of each. Decode:
 per batch size, `batch` sequences (32 random prompt tokens) decode together, and every STEPS steps one family
-switches form (alternating which goes first), the other staying on the C kernel; medians of ms per step over
+switches form (alternating which goes first), the others staying on the C kernel; medians of ms per step over
 --rounds rounds (the contexts grow by 16 tokens a round on the way). Prefill: 64 fresh prompts of 32 tokens, one
 family's form switched per prefill, the same way. In one process, so the machine's drift from minute to minute falls
 on both forms alike.
@@ -30,14 +30,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cpu_roofline import PROMPT_LEN, start_decoding  # noqa: E402
 from benchmarks.machine import describe  # noqa: E402
 from workers.cpu_experts import CpuExperts  # noqa: E402
+from workers.cpu_kv_b_projection import CpuKvBProjection  # noqa: E402
 from workers.cpu_linear import CpuLinear  # noqa: E402
 from workers.experts import Experts  # noqa: E402
+from workers.kv_b_projection import KvBProjection  # noqa: E402
 from workers.packed_experts import PackedExperts  # noqa: E402
 from workers.packed_linear import PackedLinear, warm_up  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
 
 STEPS = 4
-FAMILIES = ("experts", "linears")
+FAMILIES = ("experts", "linears", "kv_b")
 Slot = tuple[object, str, object, object]  # (owner, attribute, C form, replaced form)
 
 
@@ -60,15 +62,16 @@ def engine_with_both_forms(model: Path, max_batched_tokens: int):
             return len(slots[family])
         return swap
 
-    real = model_runner.pack_linears, model_runner.pack_experts
-    model_runner.pack_linears = pack("linears", lambda m: isinstance(m, nn.Linear) and getattr(m, "packable", True),
-                                     CpuLinear.build, PackedLinear)
+    real = model_runner.pack_linears, model_runner.pack_experts, model_runner.pack_kv_b
+    model_runner.pack_linears = pack("linears", lambda m: isinstance(m, nn.Linear), CpuLinear.build, PackedLinear)
     model_runner.pack_experts = pack("experts", lambda m: isinstance(m, Experts), CpuExperts.build, PackedExperts)
+    model_runner.pack_kv_b = pack("kv_b", lambda m: type(m) is KvBProjection, CpuKvBProjection.build,
+                                  lambda m: m)  # the bmms
     try:
         engine = LLMEngine.from_config(EngineConfig(model=str(model), dtype="float32",
                                                     max_num_batched_tokens=max_batched_tokens))
     finally:
-        model_runner.pack_linears, model_runner.pack_experts = real
+        model_runner.pack_linears, model_runner.pack_experts, model_runner.pack_kv_b = real
     for family, pairs in slots.items():
         assert pairs and all(c is not None for _, _, c, _ in pairs), f"the C kernel does not take the {family} here"
     warm_up(nn.ModuleList([other for _, _, _, other in slots["linears"] + slots["experts"]]), max_batched_tokens)

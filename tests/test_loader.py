@@ -135,8 +135,8 @@ def test_kv_b_rows_are_regrouped_per_half_with_unequal_head_dims(checkpoint_dir)
         def read_into(self, out):
             out.copy_(rows)
 
-    attn._load_kv_b(attn.kv_b_proj.weight, Ref(), None)
-    w_uk, w_uv = attn._w_kv_b()
+    attn.kv_b_proj.weight.weight_loader(attn.kv_b_proj.weight, Ref(), None)
+    w_uk, w_uv = attn.kv_b_proj.halves()
     per_head = rows.view(H, N + V, L)
     torch.testing.assert_close(w_uk, per_head[:, :N])
     torch.testing.assert_close(w_uv, per_head[:, N:])

@@ -11,7 +11,9 @@ from torch import nn
 from tests.harness import engine, experts_of, generate_tokens, packing_dtypes, random_prompts
 from workers import packed_linear
 from workers.cpu_grouped_gemm import LIBRARY
+from workers.cpu_kv_b_projection import CpuKvBProjection
 from workers.cpu_linear import CpuLinear
+from workers.kv_b_projection import KvBProjection
 from workers.packed_linear import (
     EXACT_ROWS,
     PackedLinear,
@@ -97,7 +99,8 @@ def test_pack_leaves_read_and_shared_weights(checkpoint_dir, dtype):
     eng = engine(checkpoint_dir("v2_lite"), dtype=dtype)
     model = eng.executor.runner.model
     attn = model.model.layers[0].self_attn
-    assert type(attn.kv_b_proj) is nn.Linear  # the absorbed decode reads its weight
+    # not an nn.Linear: the absorbed decode reads its halves (packed per head where the C kernel takes them)
+    assert type(attn.kv_b_proj) is (CpuKvBProjection if dtype == "float32" and C_KERNEL else KvBProjection)
     assert type(attn.o_proj) is packed_kind(dtype) and type(model.lm_head) is packed_kind(dtype)
     assert pack_linears(model) == 0  # nothing left to pack
 

@@ -1,8 +1,8 @@
 """MLAAttention: DeepSeek-V2 multi-head latent attention over a paged latent cache.
 
 The cache holds, per token, the normalized latent c_kv [L] and the roped key k_pe [R]; keys and values are never
-cached expanded. kv_b_proj's rows are kept grouped as [all heads' W_UK | all heads' W_UV] (the checkpoint
-interleaves them per head), so each half is one contiguous [H, *, L] batch for the decode bmms. Prefill chunks
+cached expanded. kv_b_proj (`KvBProjection`) takes the latents up to keys and values, or absorbs W_UK and W_UV
+into the decode's queries and output. Prefill chunks
 expand their context through kv_b_proj (the "naive" form, see tiled_attention): short ones together, up to the
 score budget's elements (fresh prompts of one length then attend in one SDPA call), and a long one a tile at a
 time; decode uses the weight-absorbed form, scoring queries directly against the latents and applying W_UV after
@@ -16,6 +16,7 @@ from torch import nn
 
 from workers.attention_metadata import AttentionMetadata, store
 from workers.config import ModelConfig
+from workers.kv_b_projection import KvBProjection
 from workers.mla_decode import MLADecode, torch_mla_decode
 from workers.rms_norm import RMSNorm
 from workers.rotary_embedding import RotaryEmbedding, softmax_scale
@@ -38,9 +39,7 @@ class MLAAttention(nn.Module):
             self.q_b_proj = nn.Linear(config.q_lora_rank, H * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.latent_dim + self.rope_dim, bias=config.attention_bias)
         self.kv_a_layernorm = RMSNorm(self.latent_dim, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.latent_dim, H * (self.nope_dim + self.v_dim), bias=False)
-        self.kv_b_proj.weight.weight_loader = self._load_kv_b
-        self.kv_b_proj.packable = False  # the absorbed decode reads its weight as W_UK and W_UV
+        self.kv_b_proj = KvBProjection(H, self.nope_dim, self.v_dim, self.latent_dim)
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=config.attention_bias)
         self.rotary = rotary
         self.scale = softmax_scale(qk_dim, config.rope)
@@ -117,27 +116,12 @@ class MLAAttention(nn.Module):
 
         return tile
 
-    def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        H, N = self.num_heads, self.nope_dim
-        w = self.kv_b_proj.weight  # [H*N + H*V, L]
-        return w[: H * N].view(H, N, -1), w[H * N :].view(H, self.v_dim, -1)  # W_UK [H, N, L], W_UV [H, V, L]
-
-    def _load_kv_b(self, param: torch.Tensor, ref, shard) -> None:
-        """The checkpoint's rows, per head [W_UK_h; W_UV_h], regrouped as [W_UK of every head; W_UV of every head]."""
-        rows = torch.empty_like(param.data)
-        ref.read_into(rows)
-        rows = rows.view(self.num_heads, self.nope_dim + self.v_dim, -1)  # [H, N+V, L]
-        w_uk, w_uv = self._w_kv_b()
-        w_uk.data.copy_(rows[:, : self.nope_dim])
-        w_uv.data.copy_(rows[:, self.nope_dim :])
-
     def _decode_absorbed(self, q_nope, q_pe, cache, meta: AttentionMetadata) -> torch.Tensor:
         """The query absorbed into the latent ([q_latent | q_pe] scores the cached [c_kv | k_pe] directly), the
         attention over the latents, then W_UV."""
-        w_uk, w_uv = self._w_kv_b()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk)  # [H, B, L]
+        q_latent = self.kv_b_proj.absorb(q_nope)  # [H, B, L]
         o_latent = self.mla_decode(q_latent, q_pe, cache, meta, self.scale)  # [H, B, L]
-        return torch.bmm(o_latent, w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, V]
+        return self.kv_b_proj.expand(o_latent)  # [B, H, V]
 
 
 def kv_slices(k: torch.Tensor, v: torch.Tensor, first: int):

@@ -100,20 +100,19 @@ def warm_up(model: nn.Module, max_rows: int) -> int:
 
 def pack_linears(model: nn.Module) -> int:
     """Replaces each nn.Linear of the loaded model by a CpuLinear where the C kernel takes it (float32 with AVX2),
-    else by a PackedLinear; returns how many. Left as they are: a layer marked `packable = False` (its weight is read
-    directly) and one whose weight is shared (a tied lm_head: packing it would keep two copies)."""
+    else by a PackedLinear; returns how many. Left as it is: a layer whose weight is shared (a tied lm_head: packing
+    it would keep two copies). MLA's kv_b_proj is not an nn.Linear: `pack_kv_b` packs it for the C kernel."""
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # a shared weight: 2+
-    return replace_modules(model, lambda m: (isinstance(m, nn.Linear) and getattr(m, "packable", True)
-                                             and owners[id(m.weight)] == 1),
+    return replace_modules(model, lambda m: isinstance(m, nn.Linear) and owners[id(m.weight)] == 1,
                            lambda m: CpuLinear.build(m) or PackedLinear(m))
 
 
 def replace_modules(model: nn.Module, wanted, build) -> int:
-    """Swaps every submodule m for which wanted(m) holds by build(m); returns how many."""
+    """Swaps every submodule m for which wanted(m) holds by build(m), unless that is None; returns how many."""
     count = 0
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if wanted(child):
-                setattr(module, name, build(child))
+            if wanted(child) and (built := build(child)) is not None:
+                setattr(module, name, built)
                 count += 1
     return count
