@@ -53,8 +53,10 @@ from router.async_engine import AsyncEngine
 from router.engine_config import EngineConfig
 from router.llm_engine import LLMEngine
 from router.openai_server import build_app
+from workers.gc_freeze import freeze_startup_heap
 engine = AsyncEngine(partial(LLMEngine.from_config, EngineConfig(model=sys.argv[1], dtype=sys.argv[3], device="cpu",
                                                                 stream_interval=int(sys.argv[4]))))
+freeze_startup_heap()  # as the Serve replicas do
 uvicorn.run(build_app(engine, "mini"), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
 """  # the same engine and HTTP app in one process, without Ray Serve: what the served path costs
 WORKERS_2X2 = """topology: {attention_workers: 2, expert_workers: 2, micro_batches: 1}

@@ -30,6 +30,7 @@ from router.engine_config import EngineConfig
 from router.engine_stats import EngineStats
 from router.llm_engine import LLMEngine
 from router.resumed_sample import ResumedSample
+from workers.gc_freeze import freeze_startup_heap
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class EngineServer:
         self.engine = replica_engine(config, pools)
         self.replica = self.engine.replica
         self.channels: dict[str, OutputChannel] = {}  # by Ingress replica
+        freeze_startup_heap()  # a Serve replica: its process serves this engine until it exits
         log.info("engine replica %s ready: %s", self.replica, config.model)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str, channel: str,

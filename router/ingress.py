@@ -20,6 +20,7 @@ from router.openai_server import ServerLimits, build_app
 from router.request_error import RequestError
 from router.session_store import SessionStore
 from workers.config import ModelConfig
+from workers.gc_freeze import freeze_startup_heap
 
 
 class Ingress:
@@ -48,6 +49,7 @@ class Ingress:
         self.metrics = Metrics(engine, self.model_name)
         self.front = Frontend(engine, self.model_name, SessionStore(self.session_ttl_s), self.metrics.observe)
         self.grpc = GrpcServicer(self.front, self.limits.api_keys)
+        freeze_startup_heap()  # a Serve replica (Ingress or EngineIngress), set up now: it serves until it exits
 
     async def _engine_answers(self) -> None:
         """Raises unless the engine replicas answer (the gRPC health check)."""

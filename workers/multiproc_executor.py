@@ -138,20 +138,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 def build_worker(config: EngineConfig, model_config: ModelConfig, placement: ExpertPlacement | None, rank: int,
                  init_method: str, threads: int):
     """Rank `rank`'s worker, an AttentionWorker or an ExpertWorker, once every rank has joined the groups at
-    init_method (tcp://host:port)."""
+    init_method (tcp://host:port). Only in a process of its own (a worker process or actor): it freezes the heap."""
     import torch
 
     from workers.attention_worker import AttentionWorker
     from workers.config import resolve_device
     from workers.expert_worker import ExpertWorker
+    from workers.gc_freeze import freeze_startup_heap
     from workers.parallel_groups import init_parallel_groups
 
     torch.set_num_threads(threads)
     A, E = config.attention_workers, config.expert_workers
     groups = init_parallel_groups(rank, A, E, init_method, resolve_device(config.device))
-    if rank >= A:
-        return ExpertWorker(config, model_config, groups, placement)
-    return AttentionWorker(config, model_config, groups, placement)
+    worker = (ExpertWorker if rank >= A else AttentionWorker)(config, model_config, groups, placement)
+    freeze_startup_heap()  # the process serves this worker until it exits
+    return worker
 
 
 def worker_main(config: EngineConfig, model_config: ModelConfig, placement: ExpertPlacement | None, rank: int,
