@@ -1,6 +1,7 @@
-"""The C grouped GEMM's three uses on CPU in float32, each against the form it replaced, in the engine's steps: the
-routed experts (`CpuExperts` against `PackedExperts`' loop of oneDNN GEMMs), the linear layers (`CpuLinear` against
-oneDNN's `PackedLinear`) and MLA's absorbed W_UK and W_UV (`CpuKvBProjection` against `KvBProjection`'s bmms).
+"""The C kernels on CPU in float32, each family against the form it replaced, in the engine's steps. The grouped
+GEMM's three uses: the routed experts (`CpuExperts` against `PackedExperts`' loop of oneDNN GEMMs), the linear layers
+(`CpuLinear` against oneDNN's `PackedLinear`) and MLA's absorbed W_UK and W_UV (`CpuKvBProjection` against
+`KvBProjection`'s bmms); and the RMSNorms (`CpuRMSNorm` against torch's ops).
 
     python benchmarks/cpu_kernel_forms.py [--work DIR] [--rounds 12] [--batch 1 --batch 16 --batch 64]
 
@@ -32,14 +33,16 @@ from benchmarks.machine import describe  # noqa: E402
 from workers.cpu_experts import CpuExperts  # noqa: E402
 from workers.cpu_kv_b_projection import CpuKvBProjection  # noqa: E402
 from workers.cpu_linear import CpuLinear  # noqa: E402
+from workers.cpu_rms_norm import CpuRMSNorm  # noqa: E402
 from workers.experts import Experts  # noqa: E402
 from workers.kv_b_projection import KvBProjection  # noqa: E402
 from workers.packed_experts import PackedExperts  # noqa: E402
 from workers.packed_linear import PackedLinear, warm_up  # noqa: E402
+from workers.rms_norm import RMSNorm  # noqa: E402
 from workers.sampling_params import SamplingParams  # noqa: E402
 
 STEPS = 4
-FAMILIES = ("experts", "linears", "kv_b")
+FAMILIES = ("experts", "linears", "kv_b", "norms")
 Slot = tuple[object, str, object, object]  # (owner, attribute, C form, replaced form)
 
 
@@ -62,16 +65,17 @@ def engine_with_both_forms(model: Path, max_batched_tokens: int):
             return len(slots[family])
         return swap
 
-    real = model_runner.pack_linears, model_runner.pack_experts, model_runner.pack_kv_b
+    real = model_runner.pack_linears, model_runner.pack_experts, model_runner.pack_kv_b, model_runner.pack_norms
     model_runner.pack_linears = pack("linears", lambda m: isinstance(m, nn.Linear), CpuLinear.build, PackedLinear)
     model_runner.pack_experts = pack("experts", lambda m: isinstance(m, Experts), CpuExperts.build, PackedExperts)
     model_runner.pack_kv_b = pack("kv_b", lambda m: type(m) is KvBProjection, CpuKvBProjection.build,
                                   lambda m: m)  # the bmms
+    model_runner.pack_norms = pack("norms", lambda m: type(m) is RMSNorm, CpuRMSNorm.build, lambda m: m)  # torch ops
     try:
         engine = LLMEngine.from_config(EngineConfig(model=str(model), dtype="float32",
                                                     max_num_batched_tokens=max_batched_tokens))
     finally:
-        model_runner.pack_linears, model_runner.pack_experts, model_runner.pack_kv_b = real
+        model_runner.pack_linears, model_runner.pack_experts, model_runner.pack_kv_b, model_runner.pack_norms = real
     for family, pairs in slots.items():
         assert pairs and all(c is not None for _, _, c, _ in pairs), f"the C kernel does not take the {family} here"
     warm_up(nn.ModuleList([other for _, _, _, other in slots["linears"] + slots["experts"]]), max_batched_tokens)

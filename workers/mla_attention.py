@@ -1,12 +1,12 @@
 """MLAAttention: DeepSeek-V2 multi-head latent attention over a paged latent cache.
 
 The cache holds, per token, the normalized latent c_kv [L] and the roped key k_pe [R]; keys and values are never
-cached expanded. kv_b_proj (`KvBProjection`) takes the latents up to keys and values, or absorbs W_UK and W_UV
-into the decode's queries and output. Prefill chunks
-expand their context through kv_b_proj (the "naive" form, see tiled_attention): short ones together, up to the
-score budget's elements (fresh prompts of one length then attend in one SDPA call), and a long one a tile at a
-time; decode uses the weight-absorbed form, scoring queries directly against the latents and applying W_UV after
-attention. A step may mix both: its decode tokens come first in the flat batch.
+cached expanded. kv_b_proj (`KvBProjection`) takes the latents up to keys and values, or absorbs W_UK and W_UV into
+the decode's queries and output. Prefill chunks expand their context through kv_b_proj (the "naive" form, see
+tiled_attention): short ones together, up to the score budget's elements (fresh prompts of one length then attend in
+one SDPA call), and a long one a tile at a time; decode uses the weight-absorbed form, scoring queries directly
+against the latents and applying W_UV after attention. A step may mix both: its decode tokens come first in the flat
+batch.
 """
 
 from __future__ import annotations

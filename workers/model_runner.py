@@ -22,6 +22,7 @@ from workers.causal_lm import CausalLM, run_interleaved
 from workers.checkpoint import Checkpoint
 from workers.config import ModelConfig, resolve_device, resolve_dtype
 from workers.cpu_kv_b_projection import pack_kv_b
+from workers.cpu_rms_norm import pack_norms
 from workers.decode_graphs import DecodeGraphs
 from workers.dispatcher import Dispatcher
 from workers.grouped_mm import select_grouped_mm, torch_grouped_mm
@@ -180,7 +181,8 @@ def build_runner(config: EngineConfig, model_config: ModelConfig, dispatcher: Di
                                                      model_config.qk_rope_head_dim))
     if packing_helps(device, dtype):
         log.info("%d linear layers', %d expert groups' and %d MLA kv_b projections' weights prepacked (for oneDNN or "
-                 "the C grouped GEMM)", pack_linears(model), pack_experts(model), pack_kv_b(model))
+                 "the C grouped GEMM); %d RMSNorms on the C kernel", pack_linears(model), pack_experts(model),
+                 pack_kv_b(model), pack_norms(model))
         t0 = time.perf_counter()
         kernels = warm_up(model, config.max_num_batched_tokens)  # a step's rows: at most its tokens
         log.info("%d oneDNN kernels built in %.1f s (each packed shape at each row bucket)", kernels,
