@@ -54,6 +54,7 @@ class CpuRMSNorm(nn.Module):
                     torch.get_num_threads())
         return y
 
+
 def pack_norms(model: nn.Module) -> int:
     """Replaces each RMSNorm of the loaded model by a CpuRMSNorm where the kernel takes it (float32 with AVX2);
     returns how many."""

@@ -4,7 +4,7 @@ folds W_UK into the queries (`absorb`) and applies W_UV to the attention's laten
 matmuls over the heads.
 
 Its rows are kept grouped as [all heads' W_UK | all heads' W_UV] (the checkpoint interleaves them per head), so each
-half is one contiguous [H, *, L] batch for the decode bmms. On x86 CPUs in float32, `pack_linears` swaps in
+half is one contiguous [H, *, L] batch for the decode bmms. On x86 CPUs in float32, `pack_kv_b` swaps in
 `CpuKvBProjection`, whose decode halves run through the C grouped GEMM.
 """
 
