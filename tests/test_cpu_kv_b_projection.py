@@ -4,11 +4,11 @@ latents and outputs as torch's bmms, for any batch, and the forms it does not ta
 import pytest
 import torch
 
-from workers.cpu_grouped_gemm import LIBRARY
+from workers.cpu_grouped_gemm import CpuGroupedGemm
 from workers.cpu_kv_b_projection import CpuKvBProjection, pack_kv_b
 from workers.kv_b_projection import KvBProjection
 
-pytestmark = pytest.mark.skipif(LIBRARY.load("the CPU grouped GEMM kernel", "skipped") is None,
+pytestmark = pytest.mark.skipif(CpuGroupedGemm.load() is None,
                                 reason="the C grouped GEMM does not build or run here")
 
 

@@ -1,6 +1,6 @@
-"""The C grouped GEMM (float32, AVX2) as the linear layers' kernel (CpuLinear) and as a grouped GEMM whose groups
-span several row chunks: the same outputs as torch, the fallbacks where it does not fit, and what pack_linears
-picks."""
+"""The C grouped GEMM (float32; each of its builds, AVX2 and AVX-512, that this CPU runs) as the linear layers' kernel
+(CpuLinear) and as a grouped GEMM whose groups span several row chunks: the same outputs as torch, the build chosen,
+the fallbacks where it does not fit, and what pack_linears picks."""
 
 import logging
 
@@ -9,26 +9,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.cpu_grouped_gemm import LIBRARY, CpuGroupedGemm, pack_panels
+from workers.c_library import cpu_flags
+from workers.cpu_grouped_gemm import BUILDS, CpuGroupedGemm, library, pack_panels
 from workers.cpu_linear import CpuLinear
 from workers.packed_linear import PackedLinear, pack_linears
 
-pytestmark = pytest.mark.skipif(LIBRARY.load("the CPU grouped GEMM kernel", "skipped") is None,
+pytestmark = pytest.mark.skipif(CpuGroupedGemm.load() is None,
                                 reason="no AVX2 and FMA, or no C compiler, here")
+HERE = [isa for isa, build in BUILDS.items() if build.cpu_flags <= cpu_flags()]  # the builds this CPU runs
+
+
+@pytest.fixture(params=HERE)
+def isa(request, monkeypatch):
+    monkeypatch.setenv("MOE_SERVE_CPU_ISA", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(0, 96), (1, 96), (7, 96), (2, 5, 96), (21, 96), (3, 50, 96), (700, 96)])
-def test_same_result_as_linear(shape, bias):
+@pytest.mark.parametrize("outputs", [16, 80, 160])  # 1, 5 and 10 panels: AVX-512 takes them two at a time
+@pytest.mark.parametrize("shape", [(0, 96), (1, 96), (7, 96), (2, 5, 96), (12, 96), (13, 96), (3, 50, 96),
+                                   (700, 96)])
+def test_same_result_as_linear(isa, shape, outputs, bias):
     torch.manual_seed(0)
-    linear = nn.Linear(96, 160, bias=bias)
+    linear = nn.Linear(96, outputs, bias=bias)
     x = torch.randn(*shape)
     got = CpuLinear.build(linear)(x)
-    assert got.shape == (*shape[:-1], 160) and got.dtype == torch.float32
+    assert got.shape == (*shape[:-1], outputs) and got.dtype == torch.float32
     torch.testing.assert_close(got, F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
 
 
-def test_groups_over_several_row_chunks():
+def test_build_chosen(monkeypatch):
+    monkeypatch.delenv("MOE_SERVE_CPU_ISA", raising=False)
+    assert library() is BUILDS["avx512" if "avx512f" in cpu_flags() else "avx2"]
+    monkeypatch.setenv("MOE_SERVE_CPU_ISA", "avx2")  # no wider than AVX2
+    assert library() is BUILDS["avx2"]
+    monkeypatch.setattr("workers.c_library.cpu_flags", lambda: frozenset({"avx2"}))  # AVX2 without FMA
+    monkeypatch.delenv("MOE_SERVE_CPU_ISA")
+    assert library() is None and CpuGroupedGemm.load() is None
+    monkeypatch.setenv("MOE_SERVE_CPU_ISA", "sse")
+    with pytest.raises(ValueError, match="expected one of avx512, avx2"):
+        library()
+
+
+def test_groups_over_several_row_chunks(isa):
     # at K = 96 a work item takes at most 336 rows (128 KiB of input): 700 rows are three chunks, 350 two
     torch.manual_seed(0)
     counts = [0, 700, 3, 0, 350, 1]

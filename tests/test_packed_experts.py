@@ -9,13 +9,13 @@ import torch
 
 from tests.harness import engine, experts_of, generate_tokens, packing_dtypes, random_prompts
 from workers.cpu_experts import CpuExperts
-from workers.cpu_grouped_gemm import LIBRARY
+from workers.cpu_grouped_gemm import CpuGroupedGemm
 from workers.experts import Experts
 from workers.packed_experts import PackedExperts, pack_experts
 
 DTYPES = packing_dtypes()
 TOLERANCE = {"float32": 1e-5, "bfloat16": 0}  # bf16: both are oneDNN's kernel; float32: MKL's unpacked
-C_KERNEL = LIBRARY.load("the CPU grouped GEMM kernel", "skipped") is not None
+C_KERNEL = CpuGroupedGemm.load() is not None
 needs_c_kernel = pytest.mark.skipif(not C_KERNEL, reason="no AVX2 and FMA, or no C compiler, here")
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from tests.harness import engine, experts_of, generate_tokens, packing_dtypes, random_prompts
 from workers import packed_linear
-from workers.cpu_grouped_gemm import LIBRARY
+from workers.cpu_grouped_gemm import CpuGroupedGemm
 from workers.cpu_kv_b_projection import CpuKvBProjection
 from workers.cpu_linear import CpuLinear
 from workers.kv_b_projection import KvBProjection
@@ -28,7 +28,7 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN here")
 DTYPES = packing_dtypes()
 TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}
-C_KERNEL = LIBRARY.load("the CPU grouped GEMM kernel", "skipped") is not None
+C_KERNEL = CpuGroupedGemm.load() is not None
 
 
 def packed_kind(dtype: str) -> type:

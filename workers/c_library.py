@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SHARED = ("-O3", "-fopenmp", "-shared", "-fPIC")
 AVX2 = (*SHARED, "-mavx2", "-mfma")
+AVX512 = (*SHARED, "-mavx512f", "-mavx2", "-mfma")
 
 
 @functools.cache
@@ -31,6 +32,20 @@ def cpu_flags() -> frozenset[str]:
                               if line.startswith("flags")).split())
     except (OSError, StopIteration):
         return frozenset()
+
+
+ISAS = ("avx512", "avx2")  # the kernels' builds, widest first
+
+
+def pick_isa(builds: dict[str, frozenset[str]]) -> str | None:
+    """The widest of `builds` (instruction sets of ISAS, each with the CPU flags it needs) that this CPU runs, and no
+    wider than MOE_SERVE_CPU_ISA where that is set (=avx2 keeps an AVX-512 machine on the AVX2 builds, for A/Bs);
+    None where there is none."""
+    cap = os.environ.get("MOE_SERVE_CPU_ISA")
+    if cap and cap not in ISAS:
+        raise ValueError(f"MOE_SERVE_CPU_ISA={cap!r}: expected one of {', '.join(ISAS)}")
+    allowed = ISAS[ISAS.index(cap):] if cap else ISAS
+    return next((isa for isa in allowed if isa in builds and builds[isa] <= cpu_flags()), None)
 
 
 @dataclass(frozen=True)

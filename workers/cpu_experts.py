@@ -1,4 +1,4 @@
-"""CpuExperts: the routed experts in float32 on x86 CPUs with AVX2 and FMA, through a C grouped GEMM.
+"""CpuExperts: the routed experts in float32 on x86 CPUs with AVX2 and FMA or AVX-512, through a C grouped GEMM.
 
 oneDNN splits each expert's small GEMM over the threads (at decode, 10-30 rows an expert), and on two cores ran it
 barely faster than on one: the mini model's 20-row expert GEMMs at 57-68 GFLOP/s on two threads, 55 on one. The

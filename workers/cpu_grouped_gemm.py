@@ -1,9 +1,13 @@
-"""CpuGroupedGemm: the C grouped GEMM (`csrc/grouped_gemm_f32.c`) in float32 on x86 CPUs with AVX2 and FMA: groups
-of rows, each times its own weight, in one call, the weights cut into panels of PANEL outputs once, at build time.
+"""CpuGroupedGemm: the C grouped GEMM (`csrc/grouped_gemm_f32.c`) in float32 on x86 CPUs with AVX2 and FMA, or
+AVX-512: groups of rows, each times its own weight, in one call, the weights cut into panels of PANEL outputs once, at
+build time.
 
 The routed experts (`CpuExperts`: a group per expert) and the float32 linear layers (`CpuLinear`: one group) run
 through it. oneDNN splits a small GEMM's outputs over the threads in fixed shares; the kernel instead lets the
-threads take (group, row chunk, panel) items as they go, and needs no row padding.
+threads take (group, row chunk, panels) items as they go, and needs no row padding.
+
+The kernel is built for AVX-512 where the CPU has it, else for AVX2: on the 2-core Zen 5 machine the AVX2 build ran at
+about half the rate of oneDNN's AVX-512 GEMMs. MOE_SERVE_CPU_ISA=avx2 keeps the AVX2 build there (for A/Bs).
 """
 
 from __future__ import annotations
@@ -12,9 +16,17 @@ import ctypes
 
 import torch
 
-from workers.c_library import AVX2, CSRC, CLibrary
+from workers.c_library import AVX2, AVX512, CSRC, CLibrary, pick_isa
 
-LIBRARY = CLibrary(CSRC / "grouped_gemm_f32.c", AVX2, frozenset({"avx2", "fma"}))
+BUILDS = {"avx512": CLibrary(CSRC / "grouped_gemm_f32.c", AVX512, frozenset({"avx512f", "avx2", "fma"})),
+          "avx2": CLibrary(CSRC / "grouped_gemm_f32.c", AVX2, frozenset({"avx2", "fma"}))}
+
+
+def library() -> CLibrary | None:
+    """The build for this CPU (`pick_isa`); None where it runs neither."""
+    isa = pick_isa({isa: build.cpu_flags for isa, build in BUILDS.items()})
+    return None if isa is None else BUILDS[isa]
+
 PANEL = 16  # outputs per weight panel (the kernel's NR)
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -34,7 +46,9 @@ class CpuGroupedGemm:
     def load() -> CpuGroupedGemm | None:
         """The kernel (compiled once into the kernel cache); None where this CPU lacks AVX2 and FMA, or where it
         does not build (with a warning: the callers then run through oneDNN)."""
-        lib = LIBRARY.load("the CPU grouped GEMM kernel", "the experts and linear layers run through oneDNN")
+        build = library()
+        lib = None if build is None else build.load("the CPU grouped GEMM kernel",
+                                                    "the experts and linear layers run through oneDNN")
         return None if lib is None else CpuGroupedGemm(lib)
 
     def __call__(self, x: torch.Tensor, panels: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """CpuKvBProjection: MLA's kv_b_proj whose absorbed-decode halves run through the C grouped GEMM (float32 on x86 CPUs
-with AVX2 and FMA), a group per head, the weights packed into panels once after loading.
+with AVX2 and FMA or AVX-512), a group per head, the weights packed into panels once after loading.
 
 torch's bmm (MKL) splits each head's small GEMM over the threads in fixed shares; the grouped GEMM lets the threads
 take (head, panel) items as they go. On the 2-core Zen 3 machine, over the mini model's four layers of W_UK and
@@ -58,5 +58,5 @@ class CpuKvBProjection(KvBProjection):
 
 def pack_kv_b(model: nn.Module) -> int:
     """Replaces each KvBProjection of the loaded model by a CpuKvBProjection where the C kernel takes it (float32
-    with AVX2); returns how many. Elsewhere the decode keeps torch's bmms."""
+    with AVX2 or AVX-512); returns how many. Elsewhere the decode keeps torch's bmms."""
     return replace_modules(model, lambda m: type(m) is KvBProjection, CpuKvBProjection.build)

@@ -1,4 +1,4 @@
-"""CpuLinear: a float32 linear layer on x86 CPUs with AVX2 and FMA, through the C grouped GEMM as one group.
+"""CpuLinear: a float32 linear layer on x86 CPUs with AVX2 and FMA or AVX-512, through the C grouped GEMM as one group.
 
 oneDNN's packed float32 linear (`PackedLinear`) splits a GEMM's outputs over the threads in fixed shares. The
 grouped GEMM's items (16 outputs of a chunk of rows each) are taken by the threads as they go, and no rows are

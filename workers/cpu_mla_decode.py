@@ -1,5 +1,5 @@
 """CpuMLADecode: MLA's absorbed decode attention on x86 CPUs, read from the paged cache: in bf16 with AVX512-BF16,
-in float32 with AVX2 and FMA.
+in float32 with AVX-512 or with AVX2 and FMA.
 
 The C kernel (`csrc/cpu_mla_decode.c`; its float32 sibling `csrc/cpu_mla_decode_f32.c`) scores each decode query
 against its sequence's cached [c_kv | k_pe] entries where they lie in the cache, and sums the c_kv weighted by the
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.attention_metadata import AttentionMetadata
-from workers.c_library import AVX2, CSRC, SHARED, CLibrary
+from workers.c_library import AVX2, AVX512, CSRC, SHARED, CLibrary, pick_isa
 
 
 @dataclass(frozen=True)
@@ -31,12 +31,22 @@ class KernelVariant:
     latent_chunk: int  # latents per value accumulator block
 
 
-VARIANTS = {
-    torch.bfloat16: KernelVariant(CLibrary(CSRC / "cpu_mla_decode.c",
-                                           (*SHARED, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
-                                           frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})), 32, 16),
-    torch.float32: KernelVariant(CLibrary(CSRC / "cpu_mla_decode_f32.c", AVX2, frozenset({"avx2", "fma"})), 8, 16),
+VARIANTS = {  # per dtype, its builds by instruction set (`pick_isa` chooses)
+    torch.bfloat16: {"avx512": KernelVariant(
+        CLibrary(CSRC / "cpu_mla_decode.c", (*SHARED, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"),
+                 frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})), 32, 16)},
+    torch.float32: {
+        "avx512": KernelVariant(CLibrary(CSRC / "cpu_mla_decode_f32.c", AVX512, frozenset({"avx512f", "avx2", "fma"})),
+                                16, 32),
+        "avx2": KernelVariant(CLibrary(CSRC / "cpu_mla_decode_f32.c", AVX2, frozenset({"avx2", "fma"})), 8, 16)},
 }
+
+
+def variant(dtype: torch.dtype) -> KernelVariant | None:
+    """dtype's kernel build for this CPU; None where there is none for the dtype and CPU."""
+    builds = VARIANTS.get(dtype, {})
+    isa = pick_isa({isa: build.library.cpu_flags for isa, build in builds.items()})
+    return None if isa is None else builds[isa]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -50,12 +60,12 @@ class CpuMLADecode:
 
     @classmethod
     def build(cls, latent_dim: int, rope_dim: int, dtype: torch.dtype) -> CpuMLADecode | None:
-        variant = VARIANTS.get(dtype)
-        if variant is None:
+        build = variant(dtype)
+        if build is None:
             return None  # no kernel for this dtype
-        if not latent_dim or (latent_dim + rope_dim) % variant.entry_chunk or latent_dim % variant.latent_chunk:
+        if not latent_dim or (latent_dim + rope_dim) % build.entry_chunk or latent_dim % build.latent_chunk:
             return None  # not an MLA model (no latents), or widths the kernel does not step through whole
-        lib = variant.library.load("the CPU MLA decode kernel", "using the bmm form")
+        lib = build.library.load("the CPU MLA decode kernel", "using the bmm form")
         return None if lib is None else cls(lib, dtype)
 
     def __call__(self, q_latent: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,

@@ -7,8 +7,8 @@ W_UV bmm takes them, so the CPU kernels read and write them in place (joining th
 the queries a layer); the other forms join what they need.
 
 On CUDA the Triton kernel reads the cache in place through the block tables (`triton_mla_decode`); on x86 CPUs so do
-the C kernels of `CpuMLADecode` (bf16 with AVX512-BF16, float32 with AVX2), where they build, agree, and the bmm form
-does not beat them clearly on a probe (MOE_SERVE_CPU_MLA_KERNEL=0 turns them off); elsewhere the entries are
+the C kernels of `CpuMLADecode` (bf16 with AVX512-BF16, float32 with AVX2 or AVX-512), where they build, agree, and the
+bmm form does not beat them clearly on a probe (MOE_SERVE_CPU_MLA_KERNEL=0 turns them off); elsewhere the entries are
 gathered and scored with two bmms.
 """
 

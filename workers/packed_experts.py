@@ -4,7 +4,7 @@ The CPU grouped GEMM walks the experts with `torch.mm`, whose bf16 kernel reorde
 call (as for the linear layers, `workers/packed_linear.py`). Reordered once after loading, an expert's bf16 GEMM at
 1-64 rows takes about 20-40 instead of 30-60 us on an AVX512-BF16 machine, with the same result bits; in float32
 (MKL's GEMM unpacked) the mini model's decode step gained a few percent more on top of the packed linear layers.
-`pack_experts` swaps them in, or in float32 with AVX2 the C grouped GEMM's `CpuExperts`, faster again.
+`pack_experts` swaps them in, or in float32 with AVX2 or AVX-512 the C grouped GEMM's `CpuExperts`, faster again.
 """
 
 from __future__ import annotations
@@ -59,6 +59,6 @@ class PackedExperts(nn.Module):
 
 
 def pack_experts(model: nn.Module) -> int:
-    """Replaces each Experts module of the loaded model by a CpuExperts where its kernel fits (float32 with AVX2),
-    else by a PackedExperts; returns how many."""
+    """Replaces each Experts module of the loaded model by a CpuExperts where its kernel fits (float32 with AVX2 or
+    AVX-512), else by a PackedExperts; returns how many."""
     return replace_modules(model, lambda m: isinstance(m, Experts), lambda m: CpuExperts.build(m) or PackedExperts(m))

@@ -5,9 +5,9 @@ faster on an AVX512-BF16 machine (512 -> 3072: 118 -> 55 us at one token, 226 ->
 bits as `F.linear` (both are oneDNN's kernel). In float32 torch's matmul is MKL's, which on an AVX2 AMD machine ran
 a 64-row GEMM on one of the two cores (64 x 512 -> 3072: 2.8 ms, against 1.5 ms packed on both; the mini model's
 decode step ~15-20% faster, float32 rounding differences aside). `pack_linears` swaps them in after the weights are
-loaded, or in float32 with AVX2 the C grouped GEMM's `CpuLinear`, faster again at small batches. Inputs are padded
-to a few row counts (`bucket_rows`), so oneDNN builds its kernels for a handful of shapes, not for every token count
-the scheduler produces: served at concurrency 64, TTFT p50 ~300 instead of ~545 ms. `warm_up` builds those kernels
+loaded, or in float32 with AVX2 or AVX-512 the C grouped GEMM's `CpuLinear`, faster again at small batches. Inputs are
+padded to a few row counts (`bucket_rows`), so oneDNN builds its kernels for a handful of shapes, not for every token
+count the scheduler produces: served at concurrency 64, TTFT p50 ~300 instead of ~545 ms. `warm_up` builds those kernels
 at start, before the first request waits for them.
 """
 
@@ -99,9 +99,10 @@ def warm_up(model: nn.Module, max_rows: int) -> int:
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replaces each nn.Linear of the loaded model by a CpuLinear where the C kernel takes it (float32 with AVX2),
-    else by a PackedLinear; returns how many. Left as it is: a layer whose weight is shared (a tied lm_head: packing
-    it would keep two copies). MLA's kv_b_proj is not an nn.Linear: `pack_kv_b` packs it for the C kernel."""
+    """Replaces each nn.Linear of the loaded model by a CpuLinear where the C kernel takes it (float32 with AVX2 or
+    AVX-512), else by a PackedLinear; returns how many. Left as it is: a layer whose weight is shared (a tied
+    lm_head: packing it would keep two copies). MLA's kv_b_proj is not an nn.Linear: `pack_kv_b` packs it for the C
+    kernel."""
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))  # a shared weight: 2+
     return replace_modules(model, lambda m: isinstance(m, nn.Linear) and owners[id(m.weight)] == 1,
                            lambda m: CpuLinear.build(m) or PackedLinear(m))

@@ -1,17 +1,20 @@
-/* MLA absorbed decode attention in float32 on x86 CPUs with AVX2 and FMA, read in place from the paged latent cache.
+/* MLA absorbed decode attention in float32 on x86 CPUs with AVX2 and FMA, or AVX-512, read in place from the paged
+ * latent cache.
  *
  * The float32 sibling of cpu_mla_decode.c (same entry point, same work items, same online softmax; see there), built
- * by workers/cpu_mla_decode.py with cc -O3 -fopenmp -mavx2 -mfma and called through ctypes on torch's OpenMP pool.
+ * by workers/cpu_mla_decode.py with cc -O3 -fopenmp and either -mavx512f (where the CPU has it) or -mavx2 -mfma,
+ * and called through ctypes on torch's OpenMP pool. The two builds are one code over vectors of W lanes (8 or 16):
+ * the AVX-512 build reads twice the lanes an instruction, and its registers hold twice the latents.
  *
  * Layouts (all float32): the query in two parts, q_latent [H, B, L] (as the W_UK bmm leaves it) and q_pe, row (b, h)
  * at q_pe + b * pe_b + h * pe_h, its D - L elements contiguous; cache [N, page, D], an entry being
  * [c_kv (L) | k_pe (D - L)]; tables [B, M] block ids (int64); lens [B] context lengths (int64); out [H, B, L] (as the
- * W_UV bmm takes it). D is a multiple of 8, L of 16.
+ * W_UV bmm takes it). D is a multiple of W, L of 2W.
  *
  * One work item is a sequence and a block of HB heads, taken a tile of TILE entries at a time: the tile's scores,
  * their exponentials against the running maximum, and the weighted sum of the tile's latents, added to the item's
  * sums after they are rescaled to the new maximum. Register blocks: scores take 4 heads by 2 entries (8 accumulators
- * of 8 lanes), values 4 heads by 16 latents; AVX2 has 16 vector registers.
+ * of W lanes), values 4 heads by 2W latents; AVX2 has 16 vector registers, AVX-512 32.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -22,6 +25,37 @@
 #define HB 16    /* heads per work item (zero-padded) */
 #define HG 4     /* heads per register block */
 #define TILE 64  /* entries per tile: 144 KiB of float32 at D = 576, held in L2 between its two passes */
+
+#ifdef __AVX512F__
+#define W 16
+typedef __m512 vec;
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vfma _mm512_fmadd_ps
+#define vset1 _mm512_set1_ps
+#define vzero _mm512_setzero_ps
+#define vmul _mm512_mul_ps
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmax _mm512_max_ps
+/* The sum of a's two halves of 8 lanes. */
+static inline __m256 halves(__m512 a) {
+  return _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)));
+}
+#else
+#define W 8
+typedef __m256 vec;
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vfma _mm256_fmadd_ps
+#define vset1 _mm256_set1_ps
+#define vzero _mm256_setzero_ps
+#define vmul _mm256_mul_ps
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmax _mm256_max_ps
+static inline __m256 halves(__m256 a) { return a; }
+#endif
 
 /* Lane i of the result is the sum of the lanes of a[i]. */
 static inline __m256 sum8(const __m256 a[8]) {
@@ -37,6 +71,25 @@ static inline const float *entry(const float *cache, const int64_t *table, int64
 
 /* e^x for x <= 0, and 0 below -87 (-inf included): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to
  * r^6 (relative error < 2e-7), times 2^n built in the exponent bits (n >= -126 here, a normal float). */
+#ifdef __AVX512F__
+static inline __m512 exp_nonpositive(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i ni = _mm512_cvtps_epi32(_mm512_maskz_mov_ps(live, n));
+  const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
+  return _mm512_maskz_mul_ps(live, p, two_n);
+}
+#else
 static inline __m256 exp_nonpositive(__m256 x) {
   const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_GE_OQ);
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
@@ -54,6 +107,7 @@ static inline __m256 exp_nonpositive(__m256 x) {
   const __m256 two_n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23));
   return _mm256_and_ps(live, _mm256_mul_ps(p, two_n));
 }
+#endif
 
 /* rows [HB, tp] <- scale * <q[h], entry s> for heads h < hb and s < n, -inf from n up to tp. */
 static void scores(const float *qb, const float **ptr, int64_t n, int64_t hb, int64_t D, int64_t tp, float scale,
@@ -62,18 +116,20 @@ static void scores(const float *qb, const float **ptr, int64_t n, int64_t hb, in
     const float *qh = qb + hg * D;
     for (int64_t s = 0; s < n; s += 2) {
       const float *e0 = ptr[s], *e1 = ptr[s + 1];
-      __m256 acc[2 * HG];  /* [entry s: 4 heads | entry s + 1: 4 heads] */
-      for (int i = 0; i < 2 * HG; i++) acc[i] = _mm256_setzero_ps();
-      for (int64_t c = 0; c < D; c += 8) {
-        const __m256 x0 = _mm256_loadu_ps(e0 + c), x1 = _mm256_loadu_ps(e1 + c);
+      vec acc[2 * HG];  /* [entry s: 4 heads | entry s + 1: 4 heads] */
+      for (int i = 0; i < 2 * HG; i++) acc[i] = vzero();
+      for (int64_t c = 0; c < D; c += W) {
+        const vec x0 = vload(e0 + c), x1 = vload(e1 + c);
         for (int k = 0; k < HG; k++) {
-          const __m256 qv = _mm256_loadu_ps(qh + k * D + c);
-          acc[k] = _mm256_fmadd_ps(qv, x0, acc[k]);
-          acc[HG + k] = _mm256_fmadd_ps(qv, x1, acc[HG + k]);
+          const vec qv = vload(qh + k * D + c);
+          acc[k] = vfma(qv, x0, acc[k]);
+          acc[HG + k] = vfma(qv, x1, acc[HG + k]);
         }
       }
+      __m256 folded[2 * HG];
+      for (int i = 0; i < 2 * HG; i++) folded[i] = halves(acc[i]);
       float sums[2 * HG];
-      _mm256_storeu_ps(sums, _mm256_mul_ps(_mm256_set1_ps(scale), sum8(acc)));
+      _mm256_storeu_ps(sums, _mm256_mul_ps(_mm256_set1_ps(scale), sum8(folded)));
       for (int k = 0; k < HG; k++) {
         rows[(hg + k) * tp + s] = sums[k];
         if (s + 1 < n) rows[(hg + k) * tp + s + 1] = sums[HG + k];
@@ -86,25 +142,25 @@ static void scores(const float *qb, const float **ptr, int64_t n, int64_t hb, in
 
 /* row [tp] <- e^(row - top), where top is the larger of *top and the row's maximum and becomes the new *top; the
  * weights' sum is added to *total after *total is rescaled to the new top, as the caller must rescale its sums: by
- * the factor returned. tp is a multiple of 8, and the row is -inf past the tile. */
+ * the factor returned. tp is a multiple of W, and the row is -inf past the tile. */
 static float tile_weights(float *row, int64_t tp, float *top, float *total) {
-  __m256 m = _mm256_set1_ps(*top);
-  for (int64_t s = 0; s < tp; s += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(row + s));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, m);
+  vec m = vset1(*top);
+  for (int64_t s = 0; s < tp; s += W) m = vmax(m, vload(row + s));
+  float lanes[W];
+  vstore(lanes, m);
   float new_top = lanes[0];
-  for (int i = 1; i < 8; i++) new_top = lanes[i] > new_top ? lanes[i] : new_top;
+  for (int i = 1; i < W; i++) new_top = lanes[i] > new_top ? lanes[i] : new_top;
   const float rescale = expf(*top - new_top);  /* 0 at the start (top -inf) */
-  const __m256 top_v = _mm256_set1_ps(new_top);
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t s = 0; s < tp; s += 8) {
-    const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + s), top_v));
-    _mm256_storeu_ps(row + s, e);
-    sum = _mm256_add_ps(sum, e);
+  const vec top_v = vset1(new_top);
+  vec sum = vzero();
+  for (int64_t s = 0; s < tp; s += W) {
+    const vec e = exp_nonpositive(vsub(vload(row + s), top_v));
+    vstore(row + s, e);
+    sum = vadd(sum, e);
   }
-  _mm256_storeu_ps(lanes, sum);
+  vstore(lanes, sum);
   float tile_total = 0.0f;
-  for (int i = 0; i < 8; i++) tile_total += lanes[i];
+  for (int i = 0; i < W; i++) tile_total += lanes[i];
   *top = new_top;
   *total = *total * rescale + tile_total;
   return rescale;
@@ -114,23 +170,23 @@ static float tile_weights(float *row, int64_t tp, float *top, float *total) {
 static void values(const float *probs, const float **ptr, int64_t n, int64_t hb, int64_t L, int64_t tp,
                    float *acc_mem) {
   for (int64_t hg = 0; hg < hb; hg += HG) {
-    for (int64_t c = 0; c < L; c += 16) {
-      __m256 acc[2 * HG];  /* head k: latents c..c+7 in acc[2k], c+8..c+15 in acc[2k + 1] */
+    for (int64_t c = 0; c < L; c += 2 * W) {
+      vec acc[2 * HG];  /* head k: latents c .. c + W - 1 in acc[2k], the next W in acc[2k + 1] */
       for (int k = 0; k < HG; k++) {
-        acc[2 * k] = _mm256_loadu_ps(acc_mem + (hg + k) * L + c);
-        acc[2 * k + 1] = _mm256_loadu_ps(acc_mem + (hg + k) * L + c + 8);
+        acc[2 * k] = vload(acc_mem + (hg + k) * L + c);
+        acc[2 * k + 1] = vload(acc_mem + (hg + k) * L + c + W);
       }
       for (int64_t s = 0; s < n; s++) {
-        const __m256 x0 = _mm256_loadu_ps(ptr[s] + c), x1 = _mm256_loadu_ps(ptr[s] + c + 8);
+        const vec x0 = vload(ptr[s] + c), x1 = vload(ptr[s] + c + W);
         for (int k = 0; k < HG; k++) {
-          const __m256 p = _mm256_broadcast_ss(probs + (hg + k) * tp + s);
-          acc[2 * k] = _mm256_fmadd_ps(p, x0, acc[2 * k]);
-          acc[2 * k + 1] = _mm256_fmadd_ps(p, x1, acc[2 * k + 1]);
+          const vec p = vset1(probs[(hg + k) * tp + s]);
+          acc[2 * k] = vfma(p, x0, acc[2 * k]);
+          acc[2 * k + 1] = vfma(p, x1, acc[2 * k + 1]);
         }
       }
       for (int k = 0; k < HG; k++) {
-        _mm256_storeu_ps(acc_mem + (hg + k) * L + c, acc[2 * k]);
-        _mm256_storeu_ps(acc_mem + (hg + k) * L + c + 8, acc[2 * k + 1]);
+        vstore(acc_mem + (hg + k) * L + c, acc[2 * k]);
+        vstore(acc_mem + (hg + k) * L + c + W, acc[2 * k + 1]);
       }
     }
   }
@@ -147,9 +203,9 @@ void mla_decode(const float *q_latent, const float *q_pe, int64_t pe_b, int64_t 
 #pragma omp parallel num_threads(threads)
   {
   const float **ptr = malloc((longest + 1) * sizeof(*ptr));  /* a sequence's entries, in order, and one more */
-  float *qb = aligned_alloc(32, HB * D * sizeof(float));  /* a block of heads, zero-padded to HB */
-  float *rows = aligned_alloc(32, HB * TILE * sizeof(float));  /* [HB, tp] a tile's scores, then weights */
-  float *acc_mem = aligned_alloc(32, HB * L * sizeof(float));  /* [HB, L] weighted sums of the latents */
+  float *qb = aligned_alloc(64, HB * D * sizeof(float));  /* a block of heads, zero-padded to HB */
+  float *rows = aligned_alloc(64, HB * TILE * sizeof(float));  /* [HB, tp] a tile's scores, then weights */
+  float *acc_mem = aligned_alloc(64, HB * L * sizeof(float));  /* [HB, L] weighted sums of the latents */
 #pragma omp for schedule(dynamic, 1)
   for (int64_t item = 0; item < B * blocks; item++) {
     const int64_t b = item / blocks, h0 = item % blocks * HB, hb = H - h0 < HB ? H - h0 : HB;
@@ -165,21 +221,20 @@ void mla_decode(const float *q_latent, const float *q_pe, int64_t pe_b, int64_t 
     float top[HB], total[HB];
     for (int h = 0; h < HB; h++) top[h] = -INFINITY, total[h] = 0.0f;
     for (int64_t t0 = 0; t0 < n; t0 += TILE) {
-      const int64_t tn = n - t0 < TILE ? n - t0 : TILE, tp = (tn + 7) / 8 * 8;
+      const int64_t tn = n - t0 < TILE ? n - t0 : TILE, tp = (tn + W - 1) / W * W;
       scores(qb, ptr + t0, tn, hb, D, tp, scale, rows);
       for (int64_t h = 0; h < hb; h++) {
         const float rescale = tile_weights(rows + h * tp, tp, &top[h], &total[h]);
         if (rescale != 1.0f)
-          for (int64_t c = 0; c < L; c += 8)
-            _mm256_storeu_ps(acc_mem + h * L + c,
-                             _mm256_mul_ps(_mm256_set1_ps(rescale), _mm256_loadu_ps(acc_mem + h * L + c)));
+          for (int64_t c = 0; c < L; c += W)
+            vstore(acc_mem + h * L + c, vmul(vset1(rescale), vload(acc_mem + h * L + c)));
       }
       values(rows, ptr + t0, tn, hb, L, tp, acc_mem);
     }
     for (int64_t h = 0; h < hb; h++) {
-      const __m256 inv = _mm256_set1_ps(1.0f / total[h]);
-      for (int64_t c = 0; c < L; c += 8)
-        _mm256_storeu_ps(out + ((h0 + h) * B + b) * L + c, _mm256_mul_ps(inv, _mm256_loadu_ps(acc_mem + h * L + c)));
+      const vec inv = vset1(1.0f / total[h]);
+      for (int64_t c = 0; c < L; c += W)
+        vstore(out + ((h0 + h) * B + b) * L + c, vmul(inv, vload(acc_mem + h * L + c)));
     }
   }
   free(acc_mem);
