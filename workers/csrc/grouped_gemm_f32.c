@@ -36,7 +36,15 @@ static inline __attribute__((always_inline)) void block(int R, int P, const floa
   __m512 acc[MR][PW];
   for (int r = 0; r < R; r++)
     for (int p = 0; p < P; p++) acc[r][p] = _mm512_setzero_ps();
+  /* The next PW panels in memory (those of the next item of the group, or of the next group), fetched into the L2
+   * cache a cache line a panel per k on the way: a work item's first block reads its panels from memory, and the
+   * hardware's own prefetch left it waiting there. On the 2-core Zen 5 machine, passes over 240 MB of distinct
+   * weights (as in a step) ran 10-18% faster at 16 and 64 rows for most widths (64 x 512 -> 3072: 268 -> 316
+   * GFLOP/s), the same at K = 2048. The last item's prefetch reads past w: harmless, a prefetch never faults. */
+  const float *next = b + PW * ldb;
   for (int64_t k = 0; k < K; k++) {
+    _mm_prefetch((const char *)(next + k * PW * NR), _MM_HINT_T1);
+    _mm_prefetch((const char *)(next + k * PW * NR + NR), _MM_HINT_T1);
     __m512 w[PW];
     for (int p = 0; p < P; p++) w[p] = _mm512_loadu_ps(b + p * ldb + k * NR);
     for (int r = 0; r < R; r++) {
