@@ -47,6 +47,8 @@ def variant(dtype: torch.dtype) -> KernelVariant | None:
     builds = VARIANTS.get(dtype, {})
     isa = pick_isa({isa: build.library.cpu_flags for isa, build in builds.items()})
     return None if isa is None else builds[isa]
+
+
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 

@@ -18,7 +18,8 @@
  *   accumulate, two hold the panel's row k, one the broadcast input.
  * - AVX-512: a panel's row k is one vector of 16, and the block is MR = 12 rows by two panels: 24 of the 32
  *   registers accumulate, and each broadcast input feeds two FMAs. On the 2-core Zen 5 machine the AVX2 build ran
- *   at about half of oneDNN's AVX-512 GEMMs (189 against 403 GFLOP/s for 64 rows of 512 -> 3072).
+ *   at a quarter to a half of oneDNN's AVX-512 GEMMs (112-189 against 403-425 GFLOP/s for 64 rows of 512 -> 3072,
+ *   in two runs), the AVX-512 build at 419.
  */
 #include <immintrin.h>
 #include <stdint.h>
