@@ -85,9 +85,7 @@ static inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i ni = _mm512_cvtps_epi32(_mm512_maskz_mov_ps(live, n));
-  const __m512 two_n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
-  return _mm512_maskz_mul_ps(live, p, two_n);
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));  /* as cpu_mla_decode.c's: p 2^n, by scalef */
 }
 #else
 static inline __m256 exp_nonpositive(__m256 x) {
