@@ -15,12 +15,20 @@ do not fit; MOE_SERVE_CPU_LINEAR_KERNEL=0 turns it off. `pack_linears` then uses
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 from torch import nn
 
 from workers.cpu_grouped_gemm import PANEL, CpuGroupedGemm, pack_panels
+
+
+@functools.lru_cache(maxsize=64)
+def one_group(rows: int) -> torch.Tensor:
+    """The offsets (0, rows) of one group of `rows` rows: made once per row count (read only), not per call (~17 us
+    a call, 21 calls a decode step of the mini model)."""
+    return torch.tensor((0, rows))
 
 
 class CpuLinear(nn.Module):
@@ -43,7 +51,7 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [M, K]
-        out = self.gemm(rows, self.panels, torch.tensor((0, rows.shape[0])))  # [M, N]
+        out = self.gemm(rows, self.panels, one_group(rows.shape[0]))  # [M, N]
         if self.bias is not None:
             out += self.bias
         return out.view(*x.shape[:-1], out.shape[-1])  # [..., N]
