@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.c_library import cpu_flags
+from workers import c_library
+from workers.c_library import AVX2, CLibrary, cpu_flags
 from workers.cpu_grouped_gemm import BUILDS, CpuGroupedGemm, library, pack_panels
 from workers.cpu_linear import CpuLinear
 from workers.packed_linear import PackedLinear, pack_linears
@@ -49,6 +50,21 @@ def test_build_chosen(monkeypatch):
     monkeypatch.setenv("MOE_SERVE_CPU_ISA", "sse")
     with pytest.raises(ValueError, match="expected one of avx512, avx2"):
         library()
+
+
+def test_a_changed_header_is_a_new_build(monkeypatch, tmp_path):
+    """A kernel's cache key covers the headers in csrc/ as well as its source: a header edited rebuilds it."""
+    csrc, cache = tmp_path / "csrc", tmp_path / "cache"
+    csrc.mkdir()
+    (csrc / "kernel.c").write_text('#include "shared.h"\nint twice(int x) { return TWICE(x); }\n')
+    (csrc / "shared.h").write_text("#define TWICE(x) (2 * (x))\n")
+    monkeypatch.setattr(c_library, "CSRC", csrc)
+    monkeypatch.setenv("MOE_SERVE_KERNEL_CACHE", str(cache))
+    lib = CLibrary(csrc / "kernel.c", AVX2, frozenset())
+    first = lib.path()
+    assert lib.path() == first  # unchanged: the build in the cache
+    (csrc / "shared.h").write_text("#define TWICE(x) ((x) + (x))\n")
+    assert lib.path() != first and len(list(cache.glob("kernel-*.so"))) == 2
 
 
 def test_groups_over_several_row_chunks(isa):

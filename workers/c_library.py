@@ -1,5 +1,6 @@
-"""CLibrary: one of the C kernels in `csrc/`, compiled once per source and flags with the system C compiler (`$CC`,
-default `cc`) into `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`) and loaded with ctypes."""
+"""CLibrary: one of the C kernels in `csrc/`, compiled once per source (with the headers in `csrc/`) and flags with
+the system C compiler (`$CC`, default `cc`) into `$MOE_SERVE_KERNEL_CACHE` (default `~/.cache/moe-serve/kernels`) and
+loaded with ctypes."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ class CLibrary:
 
     def path(self) -> Path:
         """The compiled library, built into the cache directory unless it is there already."""
-        source = self.source.read_bytes()
+        source = self.source.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # + includes
         key = hashlib.sha256(source + " ".join(self.flags).encode()).hexdigest()[:16]
         cache = Path(os.environ.get("MOE_SERVE_KERNEL_CACHE", Path.home() / ".cache" / "moe-serve" / "kernels"))
         lib = cache / f"{self.source.stem}-{key}.so"

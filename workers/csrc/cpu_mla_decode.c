@@ -21,6 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exp_avx512.h"
+
 #define HB 16     /* heads per pass: one fp32 accumulator register each */
 #define HALF (HB / 2)
 #define TILE 128  /* entries per tile: ~144 KiB of bf16 at D = 576, held in L2 between its two passes */
@@ -45,24 +47,6 @@ static inline __m512 sum16(const __m512 a[16]) {
 static inline const uint16_t *entry(const uint16_t *cache, const int64_t *table, int64_t page, int64_t D,
                                     int64_t s) {
   return cache + (table[s / page] * page + s % page) * D;
-}
-
-/* e^x for x <= 0, and 0 below -87 (-inf included): x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor
- * series to r^6 (relative error < 2e-7), times 2^n. */
-static inline __m512 exp_nonpositive(__m512 x) {
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  /* ln2 in two parts, for exact n ln2 */
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
 /* rows [HB, sp] fp32 <- scale * <q[h], entry s> for s < n, -inf up to sp. Two entries by half the heads at a time:
